@@ -1,0 +1,25 @@
+# xcapi/Makefile — PGXS build; the version comes from xcapi.control.
+
+EXTENSION = xcapi
+EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" xcapi.control)
+
+MODULE_big = xcapi
+OBJS = src/xcapi.o src/fire.o src/identifiers.o src/outbox.o src/payload.o \
+       src/sign.o src/http.o src/worker.o src/credentials.o
+
+DATA = xcapi--0.1.0.sql
+
+PG_CPPFLAGS = -I$(srcdir)/src -DXCAPI_VERSION=\"$(EXTVERSION)\" \
+              $(shell pkg-config --cflags libcurl openssl)
+SHLIB_LINK = $(shell pkg-config --libs libcurl openssl)
+
+REGRESS = api identifiers signing settings
+REGRESS_OPTS = --temp-config=$(srcdir)/xcapi.conf --temp-instance=./tmp_regress \
+               --load-extension=xcapi
+TAP_TESTS = 1
+
+EXTRA_CLEAN = tmp_regress tmp_check
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

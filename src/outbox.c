@@ -1,0 +1,578 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.c
+ *		Every SQL statement on the outbox table xcapi_conversions.
+ *
+ * The worker claims due rows in one set-based UPDATE (queued -> sending,
+ * attempt counted), sends them outside any transaction, and records the
+ * outcome in a second short transaction with one UPDATE per outcome.  A
+ * worker that dies between the two leaves rows in 'sending'; the next
+ * worker's start-up repair puts them back in the queue, so a committed
+ * conversion ends 'sent' or 'dead' and never vanishes.  A resend carries
+ * the same stored payload, hence the same conversion_id, which is what X
+ * deduplicates on.
+ *
+ * Callers are inside a transaction with a snapshot.  Plans are prepared
+ * once per schema and kept.  Every name is schema-qualified with the
+ * extension's schema, looked up in pg_extension.
+ *
+ * Copyright (c) 2026, the xcapi authors
+ *
+ * src/outbox.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "xcapi.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/skey.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/pg_extension.h"
+#include "utils/fmgroids.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "commands/sequence.h"
+#include "catalog/pg_class.h"
+#include "utils/syscache.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/proc.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+PG_FUNCTION_INFO_V1(xcapi_wait);
+PG_FUNCTION_INFO_V1(xcapi_retry);
+
+typedef enum OutboxPlan
+{
+	PLAN_INSERT,
+	PLAN_CLAIM,
+	PLAN_NEXT_DUE,
+	PLAN_SENT,
+	PLAN_RETRY,
+	PLAN_DEAD,
+	PLAN_PENDING,
+	NUM_PLANS
+} OutboxPlan;
+
+static char *schema_name = NULL;	/* quoted, in TopMemoryContext */
+static Oid	schema_oid = InvalidOid;
+static Oid	table_owner = InvalidOid;
+static Oid	sequence_oid = InvalidOid;
+static LocalTransactionId looked_up_in = InvalidLocalTransactionId;
+static SPIPlanPtr plans[NUM_PLANS];
+
+/* The schema of extension ext (not exported by PostgreSQL 15). */
+static Oid
+extension_schema(Oid ext)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			nsp = InvalidOid;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(ext));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		nsp = ((Form_pg_extension) GETSTRUCT(tup))->extnamespace;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return nsp;
+}
+
+/*
+ * Find the extension's schema, table owner and id sequence, once per
+ * transaction.  Returns false if the extension is not installed in this
+ * database.  When the schema changed (the extension was re-created
+ * elsewhere), the kept plans are dropped.
+ */
+bool
+xcapi_outbox_lookup_schema(void)
+{
+	Oid			ext;
+	Oid			nsp;
+	Oid			table;
+	HeapTuple	tup;
+
+	if (looked_up_in == MyProc->lxid && OidIsValid(schema_oid))
+		return true;
+
+	ext = get_extension_oid("xcapi", true);
+	if (!OidIsValid(ext))
+		return false;
+	nsp = extension_schema(ext);
+	if (!OidIsValid(nsp))
+		return false;
+	table = get_relname_relid("xcapi_conversions", nsp);
+	sequence_oid = get_relname_relid("xcapi_conversions_id_seq", nsp);
+	if (!OidIsValid(table) || !OidIsValid(sequence_oid))
+		return false;
+
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(table));
+	if (!HeapTupleIsValid(tup))
+		return false;
+	table_owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+
+	if (nsp != schema_oid)
+	{
+		for (int i = 0; i < NUM_PLANS; i++)
+		{
+			if (plans[i])
+				SPI_freeplan(plans[i]);
+			plans[i] = NULL;
+		}
+		if (schema_name)
+			pfree(schema_name);
+		schema_name = MemoryContextStrdup(TopMemoryContext,
+										  quote_identifier(get_namespace_name(nsp)));
+		schema_oid = nsp;
+	}
+	looked_up_in = MyProc->lxid;
+	return true;
+}
+
+const char *
+xcapi_outbox_schema(void)
+{
+	return schema_name;
+}
+
+/*
+ * The kept plan for one statement; "%s" in sql stands for the schema.
+ * Must be called inside SPI.
+ */
+static SPIPlanPtr
+get_plan(OutboxPlan which, const char *sql, int nargs, Oid *argtypes)
+{
+	if (plans[which] == NULL)
+	{
+		char	   *query = psprintf(sql, schema_name, schema_name);
+		SPIPlanPtr	plan = SPI_prepare(query, nargs, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 query, SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		plans[which] = plan;
+		pfree(query);
+	}
+	return plans[which];
+}
+
+static ArrayType *
+int8_array(int64 *ids, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+
+	for (int i = 0; i < n; i++)
+		d[i] = Int64GetDatum(ids[i]);
+	return construct_array(d, n, INT8OID, sizeof(int64), FLOAT8PASSBYVAL,
+						   TYPALIGN_DOUBLE);
+}
+
+/* Run a kept plan that modifies rows; check it worked. */
+static uint64
+run_plan(SPIPlanPtr plan, Datum *values, const char *nulls, int expect)
+{
+	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+
+	if (rc != expect)
+		elog(ERROR, "outbox statement failed: %s", SPI_result_code_string(rc));
+	return SPI_processed;
+}
+
+/*
+ * Next value of the id sequence, as the table owner (the caller may have
+ * EXECUTE on xcapi_fire and no right on the sequence).
+ */
+int64
+xcapi_outbox_next_id(void)
+{
+	return nextval_internal(sequence_oid, false);
+}
+
+/*
+ * Insert one queued conversion.  Runs as the table's owner, so a role
+ * granted only EXECUTE on xcapi_fire can enqueue without reading the
+ * queue.  payload is the conversion object's JSON text, stored as it is.
+ */
+void
+xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
+					const char *conversion_id, TimestampTz conversion_time,
+					const char *payload)
+{
+	Oid			save_userid;
+	int			save_sec_context;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(table_owner,
+						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	PG_TRY();
+	{
+		Oid			types[6] = {INT8OID, TEXTOID, TEXTOID, TEXTOID,
+		TIMESTAMPTZOID, JSONOID};
+		Datum		values[6];
+		SPIPlanPtr	plan;
+
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		plan = get_plan(PLAN_INSERT,
+						"INSERT INTO %s.xcapi_conversions "
+						"(id, pixel_id, event_id, conversion_id, conversion_time, payload) "
+						"VALUES ($1, $2, $3, $4, $5, $6)", 6, types);
+		values[0] = Int64GetDatum(id);
+		values[1] = CStringGetTextDatum(pixel);
+		values[2] = CStringGetTextDatum(event_id);
+		values[3] = CStringGetTextDatum(conversion_id);
+		values[4] = TimestampTzGetDatum(conversion_time);
+		/* json is text inside: the payload was built valid, no re-parse */
+		values[5] = CStringGetTextDatum(payload);
+		run_plan(plan, values, NULL, SPI_OK_INSERT);
+		SPI_finish();
+	}
+	PG_FINALLY();
+	{
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * Start-up repair: rows left 'sending' by a worker that died are queued
+ * again, due at once.  Their attempt was counted when they were claimed.
+ */
+int
+xcapi_outbox_repair(void)
+{
+	char	   *sql;
+	int			rc;
+	int			n;
+
+	SPI_connect();
+	sql = psprintf("UPDATE %s.xcapi_conversions SET status = 'queued', "
+				   "next_attempt_at = now() WHERE status = 'sending'",
+				   schema_name);
+	rc = SPI_execute(sql, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "could not repair outbox: %s", SPI_result_code_string(rc));
+	n = (int) SPI_processed;
+	SPI_finish();
+	return n;
+}
+
+/*
+ * Claim up to limit due conversions of pixels not in paused_pixels:
+ * queued -> sending, attempts + 1.  Rows are copied into the caller's
+ * memory context.  Returns how many were claimed.
+ */
+int
+xcapi_outbox_claim(int limit, ArrayType *paused_pixels, XcapiClaimed **rows)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	Oid			types[2] = {INT4OID, TEXTARRAYOID};
+	Datum		values[2];
+	SPIPlanPtr	plan;
+	int			n;
+
+	SPI_connect();
+	plan = get_plan(PLAN_CLAIM,
+					"WITH due AS ("
+					" SELECT id FROM %s.xcapi_conversions"
+					" WHERE status = 'queued' AND next_attempt_at <= now()"
+					" AND pixel_id <> ALL ($2)"
+					" ORDER BY next_attempt_at, id LIMIT $1"
+					" FOR UPDATE SKIP LOCKED)"
+					" UPDATE %s.xcapi_conversions c"
+					" SET status = 'sending', attempts = c.attempts + 1,"
+					" last_attempt_at = now()"
+					" FROM due WHERE c.id = due.id"
+					" RETURNING c.id, c.pixel_id, c.payload::text, c.attempts",
+					2, types);
+	values[0] = Int32GetDatum(limit);
+	values[1] = PointerGetDatum(paused_pixels);
+	run_plan(plan, values, NULL, SPI_OK_UPDATE_RETURNING);
+
+	n = (int) SPI_processed;
+	*rows = MemoryContextAlloc(caller, sizeof(XcapiClaimed) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		XcapiClaimed *row = &(*rows)[i];
+
+		row->id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		row->pixel_id = MemoryContextStrdup(caller,
+											TextDatumGetCString(SPI_getbinval(tup, desc, 2, &isnull)));
+		row->payload = MemoryContextStrdup(caller,
+										   TextDatumGetCString(SPI_getbinval(tup, desc, 3, &isnull)));
+		row->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+	}
+	SPI_finish();
+	return n;
+}
+
+/*
+ * When the earliest queued conversion becomes due; DT_NOEND if none.
+ */
+TimestampTz
+xcapi_outbox_next_due(ArrayType *paused_pixels)
+{
+	Oid			types[1] = {TEXTARRAYOID};
+	Datum		values[1] = {PointerGetDatum(paused_pixels)};
+	SPIPlanPtr	plan;
+	TimestampTz result = DT_NOEND;
+	bool		isnull;
+	Datum		d;
+
+	SPI_connect();
+	plan = get_plan(PLAN_NEXT_DUE,
+					"SELECT next_attempt_at FROM %s.xcapi_conversions"
+					" WHERE status = 'queued' AND pixel_id <> ALL ($1)"
+					" ORDER BY next_attempt_at LIMIT 1",
+					1, types);
+	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the outbox");
+	if (SPI_processed > 0)
+	{
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+						  &isnull);
+		if (!isnull)
+			result = DatumGetTimestampTz(d);
+	}
+	SPI_finish();
+	return result;
+}
+
+void
+xcapi_outbox_mark_sent(int64 *ids, int n, int http_status)
+{
+	Oid			types[2] = {INT8ARRAYOID, INT4OID};
+	Datum		values[2];
+
+	SPI_connect();
+	values[0] = PointerGetDatum(int8_array(ids, n));
+	values[1] = Int32GetDatum(http_status);
+	run_plan(get_plan(PLAN_SENT,
+					  "UPDATE %s.xcapi_conversions"
+					  " SET status = 'sent', sent_at = now(),"
+					  " last_http_status = $2, last_error = NULL"
+					  " WHERE id = ANY ($1) AND status = 'sending'",
+					  2, types),
+			 values, NULL, SPI_OK_UPDATE);
+	SPI_finish();
+}
+
+/*
+ * Back to the queue, due at next_attempt.  A counted attempt that was the
+ * last one allowed makes the row dead instead; an attempt not counted (a
+ * rate limit, a paused credential) is given back.
+ */
+void
+xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
+						const char *error, TimestampTz next_attempt,
+						bool count_attempt)
+{
+	Oid			types[6] = {INT8ARRAYOID, INT4OID, TEXTOID, TIMESTAMPTZOID,
+	BOOLOID, INT4OID};
+	Datum		values[6];
+	char		nulls[6] = "      ";
+
+	SPI_connect();
+	values[0] = PointerGetDatum(int8_array(ids, n));
+	values[1] = Int32GetDatum(http_status);
+	if (http_status == 0)
+		nulls[1] = 'n';
+	values[2] = CStringGetTextDatum(error);
+	values[3] = TimestampTzGetDatum(next_attempt);
+	values[4] = BoolGetDatum(count_attempt);
+	values[5] = Int32GetDatum(xcapi_max_attempts);
+	run_plan(get_plan(PLAN_RETRY,
+					  "UPDATE %s.xcapi_conversions"
+					  " SET status = CASE WHEN $5 AND attempts >= $6"
+					  "   THEN 'dead' ELSE 'queued' END,"
+					  " attempts = CASE WHEN $5 THEN attempts"
+					  "   ELSE greatest(attempts - 1, 0) END,"
+					  " next_attempt_at = $4,"
+					  " last_http_status = $2, last_error = $3"
+					  " WHERE id = ANY ($1) AND status = 'sending'",
+					  6, types),
+			 values, nulls, SPI_OK_UPDATE);
+	SPI_finish();
+}
+
+/* Rejected for good: X said this conversion itself is wrong. */
+void
+xcapi_outbox_mark_dead(int64 *ids, int n, int http_status, const char *error)
+{
+	Oid			types[3] = {INT8ARRAYOID, INT4OID, TEXTOID};
+	Datum		values[3];
+
+	SPI_connect();
+	values[0] = PointerGetDatum(int8_array(ids, n));
+	values[1] = Int32GetDatum(http_status);
+	values[2] = CStringGetTextDatum(error);
+	run_plan(get_plan(PLAN_DEAD,
+					  "UPDATE %s.xcapi_conversions"
+					  " SET status = 'dead', last_http_status = $2,"
+					  " last_error = $3"
+					  " WHERE id = ANY ($1) AND status = 'sending'",
+					  3, types),
+			 values, NULL, SPI_OK_UPDATE);
+	SPI_finish();
+}
+
+/*
+ * After new credentials are loaded, rows held back for missing or rejected
+ * credentials are due at once.
+ */
+void
+xcapi_outbox_release_auth_pauses(void)
+{
+	char	   *sql;
+
+	SPI_connect();
+	sql = psprintf("UPDATE %s.xcapi_conversions SET next_attempt_at = now()"
+				   " WHERE status = 'queued' AND next_attempt_at > now()"
+				   " AND (last_http_status IN (401, 403)"
+				   " OR last_error LIKE 'no usable credentials%%')",
+				   schema_name);
+	if (SPI_execute(sql, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not release paused conversions");
+	SPI_finish();
+}
+
+/*
+ * True if some conversion is queued or sending, as of a fresh snapshot.
+ */
+static bool
+outbox_has_pending(void)
+{
+	SPIPlanPtr	plan;
+	bool		pending;
+
+	SPI_connect();
+	plan = get_plan(PLAN_PENDING,
+					"SELECT 1 FROM %s.xcapi_conversions"
+					" WHERE status IN ('queued', 'sending') LIMIT 1",
+					0, NULL);
+	/* read_only = false: a new snapshot each time under READ COMMITTED */
+	if (SPI_execute_plan(plan, NULL, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the outbox");
+	pending = SPI_processed > 0;
+	SPI_finish();
+	return pending;
+}
+
+/*
+ * xcapi_wait(timeout): wait until nothing is queued or sending (true) or
+ * the timeout passes (false).  Polls with a growing interval up to 100 ms;
+ * it needs a new snapshot each time, hence READ COMMITTED, and cannot
+ * wait for conversions its own transaction has not committed.
+ */
+Datum
+xcapi_wait(PG_FUNCTION_ARGS)
+{
+	Interval   *timeout = PG_GETARG_INTERVAL_P(0);
+	TimestampTz deadline;
+	long		sleep_ms = 1;
+
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("xcapi_wait cannot run in a REPEATABLE READ or SERIALIZABLE transaction"),
+				 errhint("Call it in its own READ COMMITTED transaction.")));
+	if (xcapi_fired_in_this_transaction())
+		ereport(ERROR,
+				(errcode(ERRCODE_ACTIVE_SQL_TRANSACTION),
+				 errmsg("xcapi_wait cannot wait for conversions queued in the same transaction"),
+				 errdetail("They are sent only after the transaction commits."),
+				 errhint("Commit first, then call xcapi_wait.")));
+	if (!xcapi_outbox_lookup_schema())
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"xcapi\" is not installed in this database")));
+
+	deadline = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+													   TimestampTzGetDatum(GetCurrentTimestamp()),
+													   IntervalPGetDatum(timeout)));
+	for (;;)
+	{
+		TimestampTz now;
+
+		if (!outbox_has_pending())
+			PG_RETURN_BOOL(true);
+		now = GetCurrentTimestamp();
+		if (now >= deadline)
+			PG_RETURN_BOOL(false);
+
+		sleep_ms = Min(sleep_ms * 2, 100);
+		sleep_ms = Min(sleep_ms,
+					   TimestampDifferenceMilliseconds(now, deadline) + 1);
+		(void) WaitLatch(MyLatch,
+						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 sleep_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/*
+ * xcapi_retry(ids, pixel, error_like): dead conversions back in the queue,
+ * due at once with a fresh attempt budget.  NULL arguments do not filter.
+ * Their last error stays until the next attempt replaces it.
+ */
+Datum
+xcapi_retry(PG_FUNCTION_ARGS)
+{
+	Oid			types[3] = {INT8ARRAYOID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	char		nulls[3] = "   ";
+	char	   *sql;
+	uint64		n;
+
+	if (!xcapi_outbox_lookup_schema())
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"xcapi\" is not installed in this database")));
+	for (int i = 0; i < 3; i++)
+	{
+		if (PG_ARGISNULL(i))
+		{
+			nulls[i] = 'n';
+			values[i] = (Datum) 0;
+		}
+		else
+			values[i] = PG_GETARG_DATUM(i);
+	}
+
+	SPI_connect();
+	sql = psprintf("UPDATE %s.xcapi_conversions"
+				   " SET status = 'queued', attempts = 0, next_attempt_at = now()"
+				   " WHERE status = 'dead'"
+				   " AND ($1 IS NULL OR id = ANY ($1))"
+				   " AND ($2 IS NULL OR pixel_id = $2)"
+				   " AND ($3 IS NULL OR last_error LIKE $3)",
+				   schema_name);
+	if (SPI_execute_with_args(sql, 3, types, values, nulls, false, 0) !=
+		SPI_OK_UPDATE)
+		elog(ERROR, "could not re-queue dead conversions");
+	n = SPI_processed;
+	SPI_finish();
+
+	if (n > 0)
+		xcapi_wake_worker_at_commit();
+	PG_RETURN_INT64((int64) n);
+}

@@ -1,0 +1,719 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The background worker: claim, sign, send, record, and pace.
+ *
+ * Each iteration claims up to batch_size * max_inflight due conversions in
+ * one short transaction, groups them into per-pixel batches, sends up to
+ * max_inflight requests at once outside any transaction, and records every
+ * outcome in a second short transaction.  Then it loops at once, or, with
+ * nothing due, sleeps on its latch until a commit wakes it, the next retry
+ * is due, or xcapi.naptime passes.
+ *
+ * What an answer means (x-conversions-api.md section 4):
+ *	2xx			sent
+ *	400, 413	the whole request was refused for some conversion in it, X does
+ *				not say which: split the batch in halves and send each, down
+ *				to the single conversion, which is then dead with X's message
+ *	404			dead: the pixel, event or account is wrong for every row
+ *	401, 403	the credential is refused: hold the pixel's rows (attempt not
+ *				counted), log once, try again slowly or right after a reload
+ *	429			hold the pixel until X's reset time (attempt not counted)
+ *	other		(5xx, timeouts, resets, DNS, TLS) retry with exponential
+ *				backoff and full jitter until xcapi.max_attempts, then dead
+ *
+ * Errors are not caught: the worker exits, is restarted after a second, and
+ * its start-up repair re-queues what it had in flight.
+ *
+ * Copyright (c) 2026, the xcapi authors
+ *
+ * src/worker.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "xcapi.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+/* How long a refused or missing credential holds a pixel's rows. */
+#define AUTH_PAUSE_SECS 300
+
+/* Used when a 429 names no reset time. */
+#define RATE_LIMIT_DEFAULT_SECS 60
+
+typedef enum Outcome
+{
+	OUT_SENT,
+	OUT_RETRY,
+	OUT_DEAD
+} Outcome;
+
+/* A run of claimed rows (one pixel, contiguous after sorting). */
+typedef struct Batch
+{
+	int			start;
+	int			n;
+} Batch;
+
+/* What to record for a run of rows. */
+typedef struct BatchResult
+{
+	int			start;
+	int			n;
+	Outcome		outcome;
+	int			http_status;
+	char	   *error;
+	TimestampTz next_attempt;
+	bool		count_attempt;
+} BatchResult;
+
+/* Per-pixel state kept across iterations. */
+typedef struct PixelState
+{
+	char		pixel[65];		/* hash key */
+	TimestampTz paused_until;
+	int			pause_status;	/* 401, 403, 429 or 0 (no credentials) */
+	bool		warned;
+} PixelState;
+
+static MemoryContext loop_context = NULL;
+static MemoryContext round_context = NULL;
+static HTAB *pixel_states = NULL;
+static bool repaired = false;
+static bool credentials_changed = false;
+static bool extension_missing_logged = false;
+
+static void
+worker_shmem_exit(int code, Datum arg)
+{
+	SpinLockAcquire(&xcapi_shared->mutex);
+	xcapi_shared->worker_pid = 0;
+	xcapi_shared->worker_latch = NULL;
+	SpinLockRelease(&xcapi_shared->mutex);
+}
+
+static void
+advertise_worker(void)
+{
+	SpinLockAcquire(&xcapi_shared->mutex);
+	xcapi_shared->worker_pid = MyProcPid;
+	xcapi_shared->worker_latch = MyLatch;
+	xcapi_shared->worker_started = GetCurrentTimestamp();
+	SpinLockRelease(&xcapi_shared->mutex);
+	on_shmem_exit(worker_shmem_exit, (Datum) 0);
+}
+
+static PixelState *
+pixel_state(const char *pixel, bool create)
+{
+	char		key[65] = {0};
+
+	strlcpy(key, pixel, sizeof(key));
+	return hash_search(pixel_states, key, create ? HASH_ENTER : HASH_FIND,
+					   NULL);
+}
+
+static bool
+pixel_paused(const char *pixel, TimestampTz now, TimestampTz *until)
+{
+	PixelState *st = pixel_state(pixel, false);
+
+	if (st == NULL || st->paused_until <= now)
+		return false;
+	if (until)
+		*until = st->paused_until;
+	return true;
+}
+
+/*
+ * Hold a pixel's rows until "until".  The first pause of a kind is logged;
+ * repeats are not, so a long outage does not flood the log.
+ */
+static void
+pause_pixel(const char *pixel, TimestampTz until, int status,
+			const char *why)
+{
+	PixelState *st = pixel_state(pixel, true);
+	bool		new_state = st->pause_status != status || !st->warned;
+
+	st->paused_until = until;
+	st->pause_status = status;
+	if (new_state)
+	{
+		st->warned = true;
+		if (status == 429)
+			ereport(LOG,
+					(errmsg("xcapi: X rate-limited pixel \"%s\"; holding its conversions until %s",
+							pixel, timestamptz_to_str(until))));
+		else
+			ereport(WARNING,
+					(errmsg("xcapi: cannot send conversions of pixel \"%s\": %s",
+							pixel, why),
+					 errdetail("Its conversions stay queued and are tried again at %s.",
+							   timestamptz_to_str(until)),
+					 errhint("Fix the credentials in xcapi.credentials_file and reload the server.")));
+	}
+}
+
+/* A success ends any pause of the pixel, and says so if one was logged. */
+static void
+resume_pixel(const char *pixel)
+{
+	PixelState *st = pixel_state(pixel, false);
+
+	if (st == NULL || !st->warned)
+		return;
+	ereport(LOG,
+			(errmsg("xcapi: sending conversions of pixel \"%s\" again", pixel)));
+	st->warned = false;
+	st->pause_status = -1;
+	st->paused_until = 0;
+}
+
+static ArrayType *
+paused_pixel_array(TimestampTz now, TimestampTz *earliest_resume)
+{
+	HASH_SEQ_STATUS seq;
+	PixelState *st;
+	Datum	   *items;
+	int			n = 0;
+
+	items = palloc(sizeof(Datum) * (hash_get_num_entries(pixel_states) + 1));
+	hash_seq_init(&seq, pixel_states);
+	while ((st = hash_seq_search(&seq)) != NULL)
+	{
+		if (st->paused_until > now)
+		{
+			items[n++] = CStringGetTextDatum(st->pixel);
+			if (st->paused_until < *earliest_resume)
+				*earliest_resume = st->paused_until;
+		}
+	}
+	return construct_array(items, n, TEXTOID, -1, false, TYPALIGN_INT);
+}
+
+/* Full-jitter exponential backoff for the given (counted) attempt. */
+static TimestampTz
+backoff_until(TimestampTz now, int attempt)
+{
+	double		ceiling = xcapi_retry_base;
+
+	for (int i = 1; i < attempt && ceiling < xcapi_retry_max; i++)
+		ceiling *= 2;
+	ceiling = Min(ceiling, (double) xcapi_retry_max);
+	return now + (TimestampTz) (pg_prng_double(&pg_global_prng_state) *
+								ceiling * 1000.0);
+}
+
+static int
+compare_claimed(const void *a, const void *b)
+{
+	const XcapiClaimed *ra = a;
+	const XcapiClaimed *rb = b;
+	int			r = strcmp(ra->pixel_id, rb->pixel_id);
+
+	if (r != 0)
+		return r;
+	return ra->id < rb->id ? -1 : ra->id > rb->id ? 1 : 0;
+}
+
+static bool
+is_loopback_host(const char *url)
+{
+	const char *host = strstr(url, "://");
+
+	if (host == NULL)
+		return false;
+	host += 3;
+	return strncmp(host, "127.", 4) == 0 ||
+		strncmp(host, "localhost", 9) == 0 ||
+		strncmp(host, "[::1]", 5) == 0;
+}
+
+static char *
+batch_url(const char *pixel)
+{
+	size_t		len = strlen(xcapi_api_url);
+
+	while (len > 0 && xcapi_api_url[len - 1] == '/')
+		len--;
+	return psprintf("%.*s/%s/measurement/conversions/%s", (int) len,
+					xcapi_api_url, xcapi_api_version, pixel);
+}
+
+static void
+add_result(List **results, Batch *b, Outcome outcome, int http_status,
+		   const char *error, TimestampTz next, bool count_attempt)
+{
+	BatchResult	   *r = MemoryContextAlloc(loop_context, sizeof(BatchResult));
+
+	r->start = b->start;
+	r->n = b->n;
+	r->outcome = outcome;
+	r->http_status = http_status;
+	r->error = error ? MemoryContextStrdup(loop_context, error) : NULL;
+	r->next_attempt = next;
+	r->count_attempt = count_attempt;
+	*results = lappend(*results, r);
+}
+
+static int
+max_attempts_of(XcapiClaimed *rows, Batch *b)
+{
+	int			m = 0;
+
+	for (int i = b->start; i < b->start + b->n; i++)
+		m = Max(m, rows[i].attempts);
+	return m;
+}
+
+/*
+ * Prepare the request of one batch, or decide now that it cannot be sent
+ * (paused pixel, no credentials, unsafe URL) and record that.
+ */
+static XcapiHttpRequest *
+prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
+				List **results)
+{
+	const char *pixel = rows[b->start].pixel_id;
+	XcapiCredentials cred;
+	XcapiHttpRequest *req;
+	StringInfoData body;
+	char	  **payloads;
+	TimestampTz until;
+
+	if (pixel_paused(pixel, now, &until))
+	{
+		add_result(results, b, OUT_RETRY, 0, NULL, until, false);
+		return NULL;
+	}
+	if (strncmp(xcapi_api_url, "https://", 8) != 0 &&
+		!is_loopback_host(xcapi_api_url))
+	{
+		const char *why = "refusing to send credentials over plain HTTP to a non-loopback host; set xcapi.api_url to an https:// URL";
+
+		until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
+		pause_pixel(pixel, until, 0, why);
+		add_result(results, b, OUT_RETRY, 0,
+				   "no usable credentials: xcapi.api_url is plain HTTP to a non-loopback host",
+				   until, false);
+		return NULL;
+	}
+	if (!xcapi_credentials_for(pixel, &cred))
+	{
+		until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
+		pause_pixel(pixel, until, 0,
+					"xcapi.credentials_file holds no pixel_token and no complete OAuth 1.0a credentials for it");
+		add_result(results, b, OUT_RETRY, 0,
+				   "no usable credentials for this pixel in xcapi.credentials_file",
+				   until, false);
+		return NULL;
+	}
+
+	req = palloc0(sizeof(XcapiHttpRequest));
+	req->url = batch_url(pixel);
+	payloads = palloc(sizeof(char *) * b->n);
+	for (int i = 0; i < b->n; i++)
+		payloads[i] = rows[b->start + i].payload;
+	initStringInfo(&body);
+	xcapi_batch_body(&body, payloads, b->n);
+	req->body = body.data;
+	req->body_len = body.len;
+	if (cred.pixel_token)
+		req->auth_header = psprintf("X-Pixel-Token: %s", cred.pixel_token);
+	else
+	{
+		char	   *value = xcapi_oauth_authorization("POST", req->url,
+													  cred.consumer_key,
+													  cred.consumer_secret,
+													  cred.access_token,
+													  cred.access_token_secret,
+													  NULL, -1);
+
+		req->auth_header = psprintf("Authorization: %s", value);
+	}
+	return req;
+}
+
+static char *
+describe_failure(XcapiHttpRequest *req)
+{
+	char	   *x_says;
+
+	if (req->http_status == 0)
+		return psprintf("request failed: %s", req->transport_error);
+	x_says = xcapi_error_messages(req->response.data, req->response.len);
+	if (x_says[0] == '\0')
+		return psprintf("HTTP %ld", req->http_status);
+	return psprintf("HTTP %ld: %s", req->http_status, x_says);
+}
+
+/*
+ * Decide what one answer means for its batch; may queue split halves on
+ * *pending.
+ */
+static void
+classify(XcapiClaimed *rows, Batch *b, XcapiHttpRequest *req,
+		 TimestampTz now, List **pending, List **results)
+{
+	const char *pixel = rows[b->start].pixel_id;
+	long		status = req->http_status;
+
+	if (status >= 200 && status < 300)
+	{
+		resume_pixel(pixel);
+		add_result(results, b, OUT_SENT, (int) status, NULL, 0, false);
+	}
+	else if ((status == 400 || status == 413) && b->n > 1)
+	{
+		Batch	   *left = MemoryContextAlloc(loop_context, sizeof(Batch));
+		Batch	   *right = MemoryContextAlloc(loop_context, sizeof(Batch));
+
+		left->start = b->start;
+		left->n = b->n / 2;
+		right->start = b->start + left->n;
+		right->n = b->n - left->n;
+		*pending = lcons(right, *pending);
+		*pending = lcons(left, *pending);
+	}
+	else if (status == 400 || status == 413 || status == 404)
+		add_result(results, b, OUT_DEAD, (int) status, describe_failure(req),
+				   0, false);
+	else if (status == 401 || status == 403)
+	{
+		TimestampTz until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
+		char	   *why = describe_failure(req);
+
+		pause_pixel(pixel, until, (int) status,
+					psprintf("X refused the credentials (%s)", why));
+		add_result(results, b, OUT_RETRY, (int) status, why, until, false);
+	}
+	else if (status == 429)
+	{
+		int64		now_epoch = (int64) time(NULL);
+		int64		wait_secs = RATE_LIMIT_DEFAULT_SECS;
+		TimestampTz until;
+
+		if (req->rate_limit_reset > now_epoch)
+			wait_secs = req->rate_limit_reset - now_epoch;
+		else if (req->retry_after >= 0)
+			wait_secs = req->retry_after;
+		until = now + (TimestampTz) Max(wait_secs, 1) * USECS_PER_SEC;
+		pause_pixel(pixel, until, 429, NULL);
+		add_result(results, b, OUT_RETRY, 429, describe_failure(req), until,
+				   false);
+	}
+	else
+	{
+		TimestampTz next = backoff_until(now, max_attempts_of(rows, b));
+
+		if (req->retry_after > 0)
+			next = Max(next, now + (TimestampTz) req->retry_after * USECS_PER_SEC);
+		add_result(results, b, OUT_RETRY, (int) status, describe_failure(req),
+				   next, true);
+	}
+}
+
+/*
+ * Send the claimed rows: max_inflight requests at a time until every batch
+ * (and every half of a split batch) has an outcome.
+ */
+static List *
+send_batches(XcapiClaimed *rows, List *pending)
+{
+	List	   *results = NIL;
+	uint64		requests = 0;
+	uint64		sent = 0;
+	uint64		retries = 0;
+	long		last_status = 0;
+
+	while (pending != NIL)
+	{
+		XcapiHttpRequest **reqs;
+		Batch	  **batches;
+		int			n = 0;
+		TimestampTz now = GetCurrentTimestamp();
+		MemoryContext old = MemoryContextSwitchTo(round_context);
+
+		reqs = palloc(sizeof(XcapiHttpRequest *) * xcapi_max_inflight);
+		batches = palloc(sizeof(Batch *) * xcapi_max_inflight);
+		while (pending != NIL && n < xcapi_max_inflight)
+		{
+			Batch	   *b = linitial(pending);
+			XcapiHttpRequest *req;
+
+			pending = list_delete_first(pending);
+			req = prepare_request(rows, b, now, &results);
+			if (req)
+			{
+				reqs[n] = req;
+				batches[n++] = b;
+			}
+		}
+
+		if (n > 0)
+		{
+			pgstat_report_activity(STATE_RUNNING, "sending conversions");
+			xcapi_http_perform(reqs, n);
+			now = GetCurrentTimestamp();
+			for (int i = 0; i < n; i++)
+			{
+				explicit_bzero(reqs[i]->auth_header, strlen(reqs[i]->auth_header));
+				requests++;
+				last_status = reqs[i]->http_status;
+				if (last_status >= 200 && last_status < 300)
+					sent += batches[i]->n;
+				else
+					retries++;
+				MemoryContextSwitchTo(loop_context);
+				classify(rows, batches[i], reqs[i], now, &pending, &results);
+				MemoryContextSwitchTo(round_context);
+			}
+		}
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(round_context);
+	}
+
+	SpinLockAcquire(&xcapi_shared->mutex);
+	xcapi_shared->requests += requests;
+	xcapi_shared->conversions_sent += sent;
+	xcapi_shared->retries += retries;
+	if (requests > 0)
+		xcapi_shared->last_http_status = (int) last_status;
+	SpinLockRelease(&xcapi_shared->mutex);
+	return results;
+}
+
+static void
+begin_transaction(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_transaction(void)
+{
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(loop_context);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/* Record every outcome in one transaction. */
+static void
+record_results(XcapiClaimed *rows, List *results)
+{
+	ListCell   *lc;
+
+	begin_transaction("recording conversions");
+	foreach(lc, results)
+	{
+		BatchResult	   *r = lfirst(lc);
+		int64	   *ids = palloc(sizeof(int64) * r->n);
+
+		for (int i = 0; i < r->n; i++)
+			ids[i] = rows[r->start + i].id;
+		switch (r->outcome)
+		{
+			case OUT_SENT:
+				xcapi_outbox_mark_sent(ids, r->n, r->http_status);
+				break;
+			case OUT_RETRY:
+				xcapi_outbox_mark_retry(ids, r->n, r->http_status,
+										r->error ? r->error : "held back",
+										r->next_attempt, r->count_attempt);
+				break;
+			case OUT_DEAD:
+				xcapi_outbox_mark_dead(ids, r->n, r->http_status, r->error);
+				break;
+		}
+		pfree(ids);
+	}
+	end_transaction();
+}
+
+/*
+ * One iteration.  Returns how long to sleep in ms: 0 to go on at once.
+ */
+static long
+run_once(void)
+{
+	XcapiClaimed *rows = NULL;
+	int			nrows;
+	int			limit = xcapi_batch_size * xcapi_max_inflight;
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz wake = now + (TimestampTz) xcapi_naptime * USECS_PER_SEC;
+	ArrayType  *paused;
+	List	   *pending = NIL;
+
+	begin_transaction("claiming conversions");
+	MemoryContextSwitchTo(loop_context);
+	if (!xcapi_outbox_lookup_schema())
+	{
+		if (!extension_missing_logged)
+			ereport(LOG,
+					(errmsg("xcapi: extension \"xcapi\" is not installed in database \"%s\"; waiting for CREATE EXTENSION",
+							xcapi_database)));
+		extension_missing_logged = true;
+		end_transaction();
+		return xcapi_naptime * 1000L;
+	}
+	extension_missing_logged = false;
+	if (!repaired)
+	{
+		int			n = xcapi_outbox_repair();
+
+		if (n > 0)
+			ereport(LOG,
+					(errmsg("xcapi: re-queued %d conversions that were in flight when the previous worker stopped",
+							n)));
+		repaired = true;
+	}
+	if (credentials_changed)
+	{
+		xcapi_outbox_release_auth_pauses();
+		credentials_changed = false;
+	}
+
+	paused = paused_pixel_array(now, &wake);
+	nrows = xcapi_outbox_claim(limit, paused, &rows);
+	if (nrows == 0)
+	{
+		TimestampTz due = xcapi_outbox_next_due(paused);
+
+		if (due < wake)
+			wake = due;
+	}
+	end_transaction();
+
+	if (nrows == 0)
+		return Max(TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+												   wake), 0);
+
+	/* one pixel per request: batches are runs of one pixel, in id order */
+	qsort(rows, nrows, sizeof(XcapiClaimed), compare_claimed);
+	for (int i = 0; i < nrows;)
+	{
+		Batch	   *b = palloc(sizeof(Batch));
+
+		b->start = i;
+		b->n = 1;
+		while (i + b->n < nrows && b->n < xcapi_batch_size &&
+			   strcmp(rows[i].pixel_id, rows[i + b->n].pixel_id) == 0)
+			b->n++;
+		pending = lappend(pending, b);
+		i += b->n;
+	}
+
+	record_results(rows, send_batches(rows, pending));
+	return 0;
+}
+
+static void
+reload_configuration(void)
+{
+	char	   *old_url = pstrdup(xcapi_api_url);
+	char	   *old_ca = pstrdup(xcapi_ca_file);
+
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	if (strcmp(old_url, xcapi_api_url) != 0 || strcmp(old_ca, xcapi_ca_file) != 0)
+		xcapi_http_reset_connections();
+	pfree(old_url);
+	pfree(old_ca);
+
+	/* new credentials: lift every pause and try held rows at once */
+	xcapi_credentials_load();
+	{
+		HASH_SEQ_STATUS seq;
+		PixelState *st;
+
+		hash_seq_init(&seq, pixel_states);
+		while ((st = hash_seq_search(&seq)) != NULL)
+		{
+			if (st->pause_status != 429)
+			{
+				st->paused_until = 0;
+				st->warned = false;
+				st->pause_status = -1;
+			}
+		}
+	}
+	credentials_changed = true;
+}
+
+void
+xcapi_worker_main(Datum main_arg)
+{
+	HASHCTL		ctl;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(xcapi_database, NULL, 0);
+	pgstat_report_appname("xcapi worker");
+	advertise_worker();
+
+	loop_context = AllocSetContextCreate(TopMemoryContext, "xcapi worker loop",
+										 ALLOCSET_DEFAULT_SIZES);
+	round_context = AllocSetContextCreate(TopMemoryContext, "xcapi worker round",
+										  ALLOCSET_DEFAULT_SIZES);
+	ctl.keysize = 65;
+	ctl.entrysize = sizeof(PixelState);
+	ctl.hcxt = TopMemoryContext;
+	pixel_states = hash_create("xcapi pixel states", 64, &ctl,
+							   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+
+	xcapi_http_init();
+	xcapi_credentials_load();
+	ereport(LOG,
+			(errmsg("xcapi worker started in database \"%s\", sending to %s",
+					xcapi_database, xcapi_api_url)));
+
+	for (;;)
+	{
+		long		sleep_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+			reload_configuration();
+
+		MemoryContextReset(loop_context);
+		MemoryContextSwitchTo(loop_context);
+
+		if (RecoveryInProgress())
+			sleep_ms = xcapi_naptime * 1000L;
+		else
+			sleep_ms = run_once();
+
+		if (sleep_ms > 0)
+		{
+			(void) WaitLatch(MyLatch,
+							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 sleep_ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+	}
+}
