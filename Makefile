@@ -13,7 +13,7 @@ PG_CPPFLAGS = -I$(srcdir)/src -DXCAPI_VERSION=\"$(EXTVERSION)\" \
               $(shell pkg-config --cflags libcurl openssl)
 SHLIB_LINK = $(shell pkg-config --libs libcurl openssl)
 
-REGRESS = api identifiers signing settings
+REGRESS = signing identifiers api trigger settings
 REGRESS_OPTS = --temp-config=$(srcdir)/xcapi.conf --temp-instance=./tmp_regress \
                --load-extension=xcapi
 TAP_TESTS = 1

@@ -65,6 +65,14 @@ COMMENT ON FUNCTION @extschema@.xcapi_fire(text, text, text, numeric, jsonb,
     text, text, text, text, text, text, integer, text, timestamptz) IS
     'validate a conversion, hash its identifiers and queue it for delivery to X; returns its id';
 
+CREATE FUNCTION @extschema@.xcapi_fire_trigger()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'xcapi_fire_trigger'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION @extschema@.xcapi_fire_trigger() IS
+    'AFTER INSERT/UPDATE row trigger: arguments pixel, event id, then field=column pairs';
+
 CREATE FUNCTION @extschema@.xcapi_wait(timeout interval DEFAULT '30s')
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'xcapi_wait'
@@ -164,5 +172,6 @@ LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
 REVOKE ALL ON FUNCTION @extschema@.xcapi_fire(text, text, text, numeric, jsonb,
     text, text, text, text, text, text, integer, text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.xcapi_fire_trigger() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.xcapi_wait(interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.xcapi_retry(bigint[], text, text) FROM PUBLIC;

@@ -106,17 +106,6 @@ set_for(const char *pixel, bool create)
 	return set;
 }
 
-static bool
-is_pixel_id(const char *s, size_t len)
-{
-	if (len == 0 || len > 64)
-		return false;
-	for (size_t i = 0; i < len; i++)
-		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'z')))
-			return false;
-	return true;
-}
-
 static void
 syntax_warning(const char *path, int lineno, const char *detail)
 {
@@ -211,7 +200,7 @@ parse_line(const char *path, int lineno, char *line)
 	field = name_start;
 	if (dot)
 	{
-		if (!is_pixel_id(name_start, dot - name_start))
+		if (!xcapi_is_pixel_id(name_start, dot - name_start))
 		{
 			explicit_bzero(value.data, value.maxlen);
 			syntax_warning(path, lineno,

@@ -50,7 +50,6 @@
 PG_FUNCTION_INFO_V1(xcapi_fire);
 PG_FUNCTION_INFO_V1(xcapi_fire_trigger);
 
-#define MAX_PIXEL_LEN 64
 #define MAX_ID_LEN 256
 #define MAX_TEXT_LEN 1024
 #define MAX_FUTURE_SECS (10 * SECS_PER_MINUTE)
@@ -90,28 +89,17 @@ require_not_null(const char *value, const char *argname)
 				 errmsg("argument \"%s\" must not be empty", argname)));
 }
 
-static bool
-is_base36(const char *s, size_t len)
-{
-	if (len == 0)
-		return false;
-	for (size_t i = 0; i < len; i++)
-		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'z')))
-			return false;
-	return true;
-}
-
 static void
 check_pixel(const char *pixel)
 {
 	require_not_null(pixel, "pixel");
-	if (strlen(pixel) > MAX_PIXEL_LEN || !is_base36(pixel, strlen(pixel)))
+	if (!xcapi_is_pixel_id(pixel, strlen(pixel)))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("argument \"pixel\" is not a valid pixel id: \"%s\"",
 						pixel),
 				 errdetail("A pixel id is the base-36 id of an X pixel (lower-case letters and digits, at most %d), such as \"o8z6j\".",
-						   MAX_PIXEL_LEN)));
+						   XCAPI_MAX_PIXEL_LEN)));
 }
 
 /*
@@ -126,7 +114,7 @@ check_event_id(const char *event_id, const char *pixel)
 
 	require_not_null(event_id, "event_id");
 	len = strlen(event_id);
-	if (len > MAX_PIXEL_LEN * 2 + 4)
+	if (len > XCAPI_MAX_PIXEL_LEN * 2 + 4)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("argument \"event_id\" is too long")));
@@ -135,8 +123,8 @@ check_event_id(const char *event_id, const char *pixel)
 		const char *p = event_id + 3;
 		const char *dash = strchr(p, '-');
 
-		if (dash == NULL || !is_base36(p, dash - p) ||
-			!is_base36(dash + 1, strlen(dash + 1)))
+		if (dash == NULL || !xcapi_is_base36(p, dash - p) ||
+			!xcapi_is_base36(dash + 1, strlen(dash + 1)))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("argument \"event_id\" is not a valid event id: \"%s\"",
@@ -151,7 +139,7 @@ check_event_id(const char *event_id, const char *pixel)
 					 errdetail("The event id names pixel \"%.*s\" but the conversion is for pixel \"%s\".",
 							   (int) (dash - p), p, pixel)));
 	}
-	else if (!is_base36(event_id, len))
+	else if (!xcapi_is_base36(event_id, len))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("argument \"event_id\" is not a valid event id: \"%s\"",
@@ -755,6 +743,16 @@ row_to_input(TriggerMapping *m, HeapTuple tuple, TupleDesc desc,
 	}
 }
 
+/* Errors about a row's values say which trigger turned the row into a conversion. */
+static void
+trigger_error_context(void *arg)
+{
+	TriggerData *td = (TriggerData *) arg;
+
+	errcontext("xcapi trigger \"%s\" on table \"%s\"",
+			   td->tg_trigger->tgname, RelationGetRelationName(td->tg_relation));
+}
+
 Datum
 xcapi_fire_trigger(PG_FUNCTION_ARGS)
 {
@@ -762,6 +760,7 @@ xcapi_fire_trigger(PG_FUNCTION_ARGS)
 	TriggerMapping *m;
 	HeapTuple	tuple;
 	FireInput	in = {0};
+	ErrorContextCallback errcallback;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
@@ -779,8 +778,14 @@ xcapi_fire_trigger(PG_FUNCTION_ARGS)
 	m = get_mapping(td);
 	tuple = TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple :
 		td->tg_trigtuple;
+
+	errcallback.callback = trigger_error_context;
+	errcallback.arg = td;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
 	row_to_input(m, tuple, RelationGetDescr(td->tg_relation), &in);
 	(void) fire(&in);
+	error_context_stack = errcallback.previous;
 
 	return PointerGetDatum(NULL);
 }

@@ -48,6 +48,18 @@ http_cleanup(int code, Datum arg)
 	curl_global_cleanup();
 }
 
+/* A fresh multi handle: it owns the pool of kept-alive connections. */
+static void
+open_multi(void)
+{
+	multi = curl_multi_init();
+	if (multi == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create libcurl multi handle")));
+	curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long) 64);
+}
+
 /* Once per worker: global libcurl state and the connection-keeping handle. */
 void
 xcapi_http_init(void)
@@ -56,12 +68,7 @@ xcapi_http_init(void)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),
 				 errmsg("could not initialize libcurl")));
-	multi = curl_multi_init();
-	if (multi == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not create libcurl multi handle")));
-	curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long) 64);
+	open_multi();
 	on_proc_exit(http_cleanup, (Datum) 0);
 }
 
@@ -75,12 +82,8 @@ xcapi_http_reset_connections(void)
 	if (multi)
 	{
 		curl_multi_cleanup(multi);
-		multi = curl_multi_init();
-		if (multi == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("could not create libcurl multi handle")));
-		curl_multi_setopt(multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long) 64);
+		multi = NULL;
+		open_multi();
 	}
 }
 

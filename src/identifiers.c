@@ -36,6 +36,24 @@ PG_FUNCTION_INFO_V1(xcapi_hash_phone);
 #define E164_MIN_DIGITS 7
 #define E164_MAX_DIGITS 15
 
+/* Letters a-z and digits only: how X writes pixel and event ids. */
+bool
+xcapi_is_base36(const char *s, size_t len)
+{
+	if (len == 0)
+		return false;
+	for (size_t i = 0; i < len; i++)
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'z')))
+			return false;
+	return true;
+}
+
+bool
+xcapi_is_pixel_id(const char *s, size_t len)
+{
+	return len <= XCAPI_MAX_PIXEL_LEN && xcapi_is_base36(s, len);
+}
+
 /*
  * Lower-case hex SHA-256 of data into out (65 bytes with the terminator).
  */

@@ -76,6 +76,9 @@ extern void xcapi_note_fired(void);
 extern bool xcapi_fired_in_this_transaction(void);
 
 /* identifiers.c */
+#define XCAPI_MAX_PIXEL_LEN 64
+extern bool xcapi_is_base36(const char *s, size_t len);
+extern bool xcapi_is_pixel_id(const char *s, size_t len);
 extern void xcapi_sha256_hex(const char *data, size_t len, char *out /* 65 */ );
 extern bool xcapi_is_sha256_hex(const char *s, size_t len);
 extern char *xcapi_email_hash(const char *raw, const char *argname);
