@@ -5,7 +5,7 @@ EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" xcapi.control)
 
 MODULE_big = xcapi
 OBJS = src/xcapi.o src/fire.o src/identifiers.o src/outbox.o src/payload.o \
-       src/sign.o src/http.o src/worker.o src/credentials.o
+       src/sign.o src/http.o src/worker.o src/credentials.o src/pacing.o
 
 DATA = xcapi--0.1.0.sql
 

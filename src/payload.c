@@ -426,3 +426,73 @@ xcapi_error_messages(const char *response, size_t len)
 	}
 	return out.data;
 }
+
+/* Finding request.params.account_id in a success answer. */
+typedef struct AccountScan
+{
+	int			depth;
+	bool		path_ok[4];		/* field names along the way matched */
+	bool		want;
+	char	   *account;
+} AccountScan;
+
+static void
+acct_object_start(void *state)
+{
+	((AccountScan *) state)->depth++;
+}
+
+static void
+acct_object_end(void *state)
+{
+	((AccountScan *) state)->depth--;
+}
+
+static void
+acct_field_start(void *state, char *fname, bool isnull)
+{
+	AccountScan *s = state;
+	static const char *const path[] = {"request", "params", "account_id"};
+
+	s->want = false;
+	if (s->depth < 1 || s->depth > 3)
+		return;
+	s->path_ok[s->depth] = strcmp(fname, path[s->depth - 1]) == 0 &&
+		(s->depth == 1 || s->path_ok[s->depth - 1]);
+	s->want = s->depth == 3 && s->path_ok[3];
+}
+
+static void
+acct_scalar(void *state, char *token, JsonTokenType tokentype)
+{
+	AccountScan *s = state;
+
+	if (s->want && tokentype == JSON_TOKEN_STRING && s->account == NULL)
+		s->account = token;
+	s->want = false;
+}
+
+/*
+ * The ad account X says owns the pixel, from request.params.account_id of
+ * an answer; NULL if absent or unparsable.
+ */
+char *
+xcapi_response_account_id(const char *response, size_t len)
+{
+	AccountScan scan = {0};
+	JsonSemAction sem = {0};
+	JsonLexContext *lex;
+
+	if (len == 0)
+		return NULL;
+	sem.semstate = &scan;
+	sem.object_start = acct_object_start;
+	sem.object_end = acct_object_end;
+	sem.object_field_start = acct_field_start;
+	sem.scalar = acct_scalar;
+	lex = makeJsonLexContextCstringLen(pnstrdup(response, len), len,
+									   PG_UTF8, true);
+	if (pg_parse_json(lex, &sem) != JSON_SUCCESS)
+		return NULL;
+	return scan.account;
+}

@@ -124,10 +124,19 @@ static PixelState *
 pixel_state(const char *pixel, bool create)
 {
 	char		key[65] = {0};
+	PixelState *st;
+	bool		found;
 
 	strlcpy(key, pixel, sizeof(key));
-	return hash_search(pixel_states, key, create ? HASH_ENTER : HASH_FIND,
-					   NULL);
+	st = hash_search(pixel_states, key, create ? HASH_ENTER : HASH_FIND,
+					 &found);
+	if (st && !found)
+	{
+		st->paused_until = 0;
+		st->pause_status = -1;
+		st->warned = false;
+	}
+	return st;
 }
 
 static bool
@@ -142,34 +151,43 @@ pixel_paused(const char *pixel, TimestampTz now, TimestampTz *until)
 	return true;
 }
 
+/* Why a pixel is held back; HTTP statuses 401, 403 and 429 stand for themselves. */
+#define PAUSE_NO_CREDENTIALS 0
+#define PAUSE_PACING 1
+
 /*
  * Hold a pixel's rows until "until".  The first pause of a kind is logged;
- * repeats are not, so a long outage does not flood the log.
+ * repeats are not, so a long outage does not flood the log.  Rate limits
+ * are routine (LOG); credential trouble needs a person (WARNING).
  */
 static void
-pause_pixel(const char *pixel, TimestampTz until, int status,
-			const char *why)
+pause_pixel(const char *pixel, TimestampTz until, int kind, const char *why)
 {
 	PixelState *st = pixel_state(pixel, true);
-	bool		new_state = st->pause_status != status || !st->warned;
+	bool		routine = (kind == 429 || kind == PAUSE_PACING);
+	bool		new_state = st->pause_status != kind || !st->warned ||
+		(routine && st->paused_until <= GetCurrentTimestamp());
 
 	st->paused_until = until;
-	st->pause_status = status;
-	if (new_state)
-	{
-		st->warned = true;
-		if (status == 429)
-			ereport(LOG,
-					(errmsg("xcapi: X rate-limited pixel \"%s\"; holding its conversions until %s",
-							pixel, timestamptz_to_str(until))));
-		else
-			ereport(WARNING,
-					(errmsg("xcapi: cannot send conversions of pixel \"%s\": %s",
-							pixel, why),
-					 errdetail("Its conversions stay queued and are tried again at %s.",
-							   timestamptz_to_str(until)),
-					 errhint("Fix the credentials in xcapi.credentials_file and reload the server.")));
-	}
+	st->pause_status = kind;
+	if (!new_state)
+		return;
+	st->warned = true;
+	if (kind == 429)
+		ereport(LOG,
+				(errmsg("xcapi: X rate-limited pixel \"%s\"; holding its conversions until %s",
+						pixel, timestamptz_to_str(until))));
+	else if (kind == PAUSE_PACING)
+		ereport(LOG,
+				(errmsg("xcapi: pixel \"%s\" used its rate budget (xcapi.rate_limit_events, xcapi.rate_limit_requests); holding its conversions until %s",
+						pixel, timestamptz_to_str(until))));
+	else
+		ereport(WARNING,
+				(errmsg("xcapi: cannot send conversions of pixel \"%s\": %s",
+						pixel, why),
+				 errdetail("Its conversions stay queued and are tried again at %s.",
+						   timestamptz_to_str(until)),
+				 errhint("Fix the credentials in xcapi.credentials_file and reload the server.")));
 }
 
 /* A success ends any pause of the pixel, and says so if one was logged. */
@@ -178,7 +196,8 @@ resume_pixel(const char *pixel)
 {
 	PixelState *st = pixel_state(pixel, false);
 
-	if (st == NULL || !st->warned)
+	/* a rate budget pause ends by the clock, not by a success */
+	if (st == NULL || !st->warned || st->pause_status == PAUSE_PACING)
 		return;
 	ereport(LOG,
 			(errmsg("xcapi: sending conversions of pixel \"%s\" again", pixel)));
@@ -262,16 +281,19 @@ static void
 add_result(List **results, Batch *b, Outcome outcome, int http_status,
 		   const char *error, TimestampTz next, bool count_attempt)
 {
-	BatchResult	   *r = MemoryContextAlloc(loop_context, sizeof(BatchResult));
+	/* results outlive the round that produced them */
+	MemoryContext old = MemoryContextSwitchTo(loop_context);
+	BatchResult *r = palloc(sizeof(BatchResult));
 
 	r->start = b->start;
 	r->n = b->n;
 	r->outcome = outcome;
 	r->http_status = http_status;
-	r->error = error ? MemoryContextStrdup(loop_context, error) : NULL;
+	r->error = error ? pstrdup(error) : NULL;
 	r->next_attempt = next;
 	r->count_attempt = count_attempt;
 	*results = lappend(*results, r);
+	MemoryContextSwitchTo(old);
 }
 
 static int
@@ -282,6 +304,36 @@ max_attempts_of(XcapiClaimed *rows, Batch *b)
 	for (int i = b->start; i < b->start + b->n; i++)
 		m = Max(m, rows[i].attempts);
 	return m;
+}
+
+/*
+ * Trim batch b to what the pixel's rate budget allows now and count it
+ * against the budget; the rest goes back to the queue, uncounted, due
+ * when the budget has room.  Returns false if nothing may go.
+ */
+static bool
+within_budget(XcapiClaimed *rows, Batch *b, TimestampTz now, List **results)
+{
+	const char *pixel = rows[b->start].pixel_id;
+	TimestampTz resume = 0;
+	int			allowed = xcapi_pacing_allow(pixel, b->n, now, &resume);
+	Batch		rest;
+
+	if (allowed >= b->n)
+	{
+		/* counted now, so the next batch of this round sees it */
+		xcapi_pacing_record(pixel, b->n, now);
+		return true;
+	}
+	if (allowed > 0)
+		xcapi_pacing_record(pixel, allowed, now);
+	pause_pixel(pixel, resume, PAUSE_PACING, NULL);
+	rest.start = b->start + allowed;
+	rest.n = b->n - allowed;
+	add_result(results, &rest, OUT_RETRY, 0,
+			   "held back to stay within the rate budget", resume, false);
+	b->n = allowed;
+	return allowed > 0;
 }
 
 /*
@@ -310,7 +362,7 @@ prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
 		const char *why = "refusing to send credentials over plain HTTP to a non-loopback host; set xcapi.api_url to an https:// URL";
 
 		until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
-		pause_pixel(pixel, until, 0, why);
+		pause_pixel(pixel, until, PAUSE_NO_CREDENTIALS, why);
 		add_result(results, b, OUT_RETRY, 0,
 				   "no usable credentials: xcapi.api_url is plain HTTP to a non-loopback host",
 				   until, false);
@@ -319,13 +371,16 @@ prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
 	if (!xcapi_credentials_for(pixel, &cred))
 	{
 		until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
-		pause_pixel(pixel, until, 0,
+		pause_pixel(pixel, until, PAUSE_NO_CREDENTIALS,
 					"xcapi.credentials_file holds no pixel_token and no complete OAuth 1.0a credentials for it");
 		add_result(results, b, OUT_RETRY, 0,
 				   "no usable credentials for this pixel in xcapi.credentials_file",
 				   until, false);
 		return NULL;
 	}
+
+	if (!within_budget(rows, b, now, results))
+		return NULL;
 
 	req = palloc0(sizeof(XcapiHttpRequest));
 	req->url = batch_url(pixel);
@@ -378,8 +433,19 @@ classify(XcapiClaimed *rows, Batch *b, XcapiHttpRequest *req,
 
 	if (status >= 200 && status < 300)
 	{
+		char	   *account = xcapi_response_account_id(req->response.data,
+														req->response.len);
+
+		if (account)
+			xcapi_pacing_learn_account(pixel, account);
 		resume_pixel(pixel);
 		add_result(results, b, OUT_SENT, (int) status, NULL, 0, false);
+		/* X says the budget is spent: wait for its reset, not for a 429 */
+		if (req->rate_limit_remaining == 0 &&
+			req->rate_limit_reset > (int64) time(NULL))
+			pause_pixel(pixel, now + (TimestampTz) (req->rate_limit_reset -
+													(int64) time(NULL)) * USECS_PER_SEC,
+						429, NULL);
 	}
 	else if ((status == 400 || status == 413) && b->n > 1)
 	{

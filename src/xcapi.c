@@ -41,6 +41,9 @@ int			xcapi_max_attempts = 12;
 int			xcapi_retry_base = 1000;
 int			xcapi_retry_max = 600000;
 int			xcapi_naptime = 10;
+int			xcapi_rate_limit_events = 60000;
+int			xcapi_rate_limit_requests = 100000;
+int			xcapi_rate_window = 900;
 
 XcapiShared *xcapi_shared = NULL;
 bool		xcapi_preloaded = false;
@@ -115,6 +118,20 @@ define_settings(void)
 							"Longest idle wait of the worker between checks of the queue.",
 							"Commits wake the worker at once; this is a safety net.",
 							&xcapi_naptime, 10, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("xcapi.rate_limit_events",
+							"Most conversions sent per ad account per rate window; 0 for no limit.",
+							"X's guide allows 60,000 events per account per 15 minutes.",
+							&xcapi_rate_limit_events, 60000, 0, INT_MAX,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("xcapi.rate_limit_requests",
+							"Most requests sent per ad account per rate window; 0 for no limit.",
+							"X's v12 reference allows 100,000 requests per account per 15 minutes.",
+							&xcapi_rate_limit_requests, 100000, 0, INT_MAX,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("xcapi.rate_window",
+							"Length of the rate-limit window.",
+							NULL, &xcapi_rate_window, 900, 1, 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("xcapi");
 }

@@ -48,6 +48,9 @@ extern int	xcapi_max_attempts;
 extern int	xcapi_retry_base;
 extern int	xcapi_retry_max;
 extern int	xcapi_naptime;
+extern int	xcapi_rate_limit_events;
+extern int	xcapi_rate_limit_requests;
+extern int	xcapi_rate_window;
 
 /*
  * What backends and the worker share.  The latch pointer lets a committing
@@ -128,6 +131,7 @@ extern char *xcapi_conversion_json(const XcapiConversion *conv);
 extern void xcapi_json_decimal(StringInfo dst, const char *numeric_text);
 extern void xcapi_batch_body(StringInfo body, char **payloads, int n);
 extern char *xcapi_error_messages(const char *response, size_t len);
+extern char *xcapi_response_account_id(const char *response, size_t len);
 
 /* credentials.c */
 typedef struct XcapiCredentials
@@ -195,6 +199,13 @@ extern void xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
 extern void xcapi_outbox_mark_dead(int64 *ids, int n, int http_status,
 								   const char *error);
 extern void xcapi_outbox_release_auth_pauses(void);
+
+/* pacing.c */
+extern int	xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,
+							   TimestampTz *resume_at);
+extern void xcapi_pacing_record(const char *pixel, int n, TimestampTz now);
+extern void xcapi_pacing_learn_account(const char *pixel, const char *account);
+extern const char *xcapi_pacing_account(const char *pixel);
 
 /* worker.c */
 extern PGDLLEXPORT void xcapi_worker_main(Datum main_arg);
