@@ -5,15 +5,15 @@ EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" xcapi.control)
 
 MODULE_big = xcapi
 OBJS = src/xcapi.o src/fire.o src/identifiers.o src/outbox.o src/payload.o \
-       src/sign.o src/http.o src/worker.o src/credentials.o src/pacing.o
+       src/sign.o src/http.o src/worker.o src/credentials.o src/pacing.o src/monitor.o
 
-DATA = xcapi--0.1.0.sql
+DATA = $(wildcard xcapi--*.sql)
 
 PG_CPPFLAGS = -I$(srcdir)/src -DXCAPI_VERSION=\"$(EXTVERSION)\" \
               $(shell pkg-config --cflags libcurl openssl)
 SHLIB_LINK = $(shell pkg-config --libs libcurl openssl)
 
-REGRESS = signing identifiers api trigger settings
+REGRESS = upgrade signing identifiers api trigger settings monitor
 REGRESS_OPTS = --temp-config=$(srcdir)/xcapi.conf --temp-instance=./tmp_regress \
                --load-extension=xcapi
 TAP_TESTS = 1

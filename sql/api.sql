@@ -56,7 +56,7 @@ SELECT payload->'identifiers' AS identifiers FROM xcapi_conversions WHERE id = :
 -- value keeps at least two fraction digits; integers are accepted
 CREATE TEMP TABLE fired_values AS
 SELECT v, xcapi_fire('o8z6j', 'o8z2x', email => 'v@example.com', value => v) AS id
-  FROM (VALUES (0), (7), (19.9), (20.125), (0.5)) AS t(v);
+  FROM (VALUES (0), (7), (19.9), (20.125), (0.5), (7::numeric / 100), (1.100)) AS t(v);
 SELECT f.v AS value_in, c.payload->>'value' AS value_sent
   FROM fired_values f JOIN xcapi_conversions c USING (id) ORDER BY f.v;
 

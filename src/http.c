@@ -87,6 +87,27 @@ xcapi_http_reset_connections(void)
 	}
 }
 
+/*
+ * The request body is handed to libcurl through a read callback with no
+ * seek callback, on purpose: when a kept-alive connection turns out dead,
+ * libcurl would otherwise silently resend the same request, with the same
+ * OAuth nonce, which X treats as a replay.  Unable to rewind, it fails
+ * with CURLE_SEND_FAIL_REWIND instead, and the worker resends with a
+ * fresh signature.
+ */
+static size_t
+supply_body(char *buffer, size_t size, size_t nitems, void *userdata)
+{
+	XcapiHttpRequest *req = userdata;
+	size_t		room = size * nitems;
+	size_t		left = req->body_len - req->body_sent;
+	size_t		n = Min(room, left);
+
+	memcpy(buffer, req->body + req->body_sent, n);
+	req->body_sent += n;
+	return n;
+}
+
 static size_t
 collect_body(char *data, size_t size, size_t nmemb, void *userdata)
 {
@@ -182,7 +203,8 @@ make_handle(XcapiHttpRequest *req)
 	curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
 	curl_easy_setopt(h, CURLOPT_POST, 1L);
-	curl_easy_setopt(h, CURLOPT_POSTFIELDS, req->body);
+	curl_easy_setopt(h, CURLOPT_READFUNCTION, supply_body);
+	curl_easy_setopt(h, CURLOPT_READDATA, req);
 	curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_len);
 	curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
 	curl_easy_setopt(h, CURLOPT_USERAGENT, "xcapi/" XCAPI_VERSION);
@@ -240,6 +262,7 @@ record_result(CURL *h, CURLcode code)
 	else
 	{
 		req->http_status = 0;
+		req->resend_refused = (code == CURLE_SEND_FAIL_REWIND);
 		if (req->transport_error[0] == '\0')
 			strlcpy(req->transport_error, curl_easy_strerror(code),
 					sizeof(req->transport_error));
@@ -261,6 +284,8 @@ xcapi_http_perform(XcapiHttpRequest **requests, int n)
 
 		req->http_status = 0;
 		req->transport_error[0] = '\0';
+		req->resend_refused = false;
+		req->body_sent = 0;
 		req->rate_limit_reset = 0;
 		req->rate_limit_remaining = -1;
 		req->retry_after = -1;

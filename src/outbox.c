@@ -59,6 +59,7 @@ typedef enum OutboxPlan
 	PLAN_RETRY,
 	PLAN_DEAD,
 	PLAN_PENDING,
+	PLAN_PURGE,
 	NUM_PLANS
 } OutboxPlan;
 
@@ -452,6 +453,34 @@ xcapi_outbox_release_auth_pauses(void)
 	if (SPI_execute(sql, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not release paused conversions");
 	SPI_finish();
+}
+
+/*
+ * Delete up to limit sent conversions older than the retention, oldest
+ * first, in one short statement so no lock is held for long.  Returns how
+ * many went.
+ */
+int
+xcapi_outbox_purge(int retention_secs, int limit)
+{
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		values[2];
+	int			n;
+
+	SPI_connect();
+	values[0] = Int32GetDatum(retention_secs);
+	values[1] = Int32GetDatum(limit);
+	run_plan(get_plan(PLAN_PURGE,
+					  "DELETE FROM %s.xcapi_conversions WHERE id IN ("
+					  " SELECT id FROM %s.xcapi_conversions"
+					  " WHERE status = 'sent'"
+					  " AND sent_at < now() - make_interval(secs => $1)"
+					  " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+					  2, types),
+			 values, NULL, SPI_OK_DELETE);
+	n = (int) SPI_processed;
+	SPI_finish();
+	return n;
 }
 
 /*

@@ -33,18 +33,29 @@
 #define MAX_CONTENT_STRING 1024
 
 /*
- * Append a decimal number's text with at least two fraction digits
- * ("20" -> "20.00", "20.5" -> "20.50", "20.125" unchanged).
+ * Append a decimal number's text with two or more fraction digits and no
+ * needless trailing zeros ("20" -> "20.00", "20.5" -> "20.50", "20.125"
+ * unchanged, "0.07000" -> "0.07").
  */
 void
 xcapi_json_decimal(StringInfo dst, const char *numeric_text)
 {
 	const char *dot = strchr(numeric_text, '.');
+	size_t		len = strlen(numeric_text);
+	size_t		fraction;
 
-	appendStringInfoString(dst, numeric_text);
+	/* drop trailing zeros of the scale (0.0700 -> 0.07), keep two digits */
+	if (dot != NULL)
+	{
+		while (len > (size_t) (dot - numeric_text) + 3 &&
+			   numeric_text[len - 1] == '0')
+			len--;
+	}
+	appendBinaryStringInfo(dst, numeric_text, len);
+	fraction = dot ? len - (dot - numeric_text) - 1 : 0;
 	if (dot == NULL)
 		appendStringInfoString(dst, ".00");
-	else if (strlen(dot + 1) < 2)
+	else if (fraction < 2)
 		appendStringInfoChar(dst, '0');
 }
 

@@ -89,14 +89,22 @@ typedef struct PixelState
 {
 	char		pixel[65];		/* hash key */
 	TimestampTz paused_until;
-	int			pause_status;	/* 401, 403, 429 or 0 (no credentials) */
+	int			pause_status;	/* XCAPI_PAUSE_* or 401, 403, 429 */
 	bool		warned;
+	TimestampTz last_success;
+	int			last_http_status;
 } PixelState;
+
+/* Purge sent rows past xcapi.retention at most this often when busy. */
+#define PURGE_INTERVAL_SECS 60
+#define PURGE_BATCH 10000
 
 static MemoryContext loop_context = NULL;
 static MemoryContext round_context = NULL;
 static HTAB *pixel_states = NULL;
 static bool repaired = false;
+static TimestampTz last_purge = 0;
+static bool purge_pending = true;
 static bool credentials_changed = false;
 static bool extension_missing_logged = false;
 
@@ -133,8 +141,10 @@ pixel_state(const char *pixel, bool create)
 	if (st && !found)
 	{
 		st->paused_until = 0;
-		st->pause_status = -1;
+		st->pause_status = XCAPI_PAUSE_NONE;
 		st->warned = false;
+		st->last_success = 0;
+		st->last_http_status = 0;
 	}
 	return st;
 }
@@ -151,9 +161,6 @@ pixel_paused(const char *pixel, TimestampTz now, TimestampTz *until)
 	return true;
 }
 
-/* Why a pixel is held back; HTTP statuses 401, 403 and 429 stand for themselves. */
-#define PAUSE_NO_CREDENTIALS 0
-#define PAUSE_PACING 1
 
 /*
  * Hold a pixel's rows until "until".  The first pause of a kind is logged;
@@ -164,7 +171,7 @@ static void
 pause_pixel(const char *pixel, TimestampTz until, int kind, const char *why)
 {
 	PixelState *st = pixel_state(pixel, true);
-	bool		routine = (kind == 429 || kind == PAUSE_PACING);
+	bool		routine = (kind == 429 || kind == XCAPI_PAUSE_PACING);
 	bool		new_state = st->pause_status != kind || !st->warned ||
 		(routine && st->paused_until <= GetCurrentTimestamp());
 
@@ -177,7 +184,7 @@ pause_pixel(const char *pixel, TimestampTz until, int kind, const char *why)
 		ereport(LOG,
 				(errmsg("xcapi: X rate-limited pixel \"%s\"; holding its conversions until %s",
 						pixel, timestamptz_to_str(until))));
-	else if (kind == PAUSE_PACING)
+	else if (kind == XCAPI_PAUSE_PACING)
 		ereport(LOG,
 				(errmsg("xcapi: pixel \"%s\" used its rate budget (xcapi.rate_limit_events, xcapi.rate_limit_requests); holding its conversions until %s",
 						pixel, timestamptz_to_str(until))));
@@ -197,12 +204,12 @@ resume_pixel(const char *pixel)
 	PixelState *st = pixel_state(pixel, false);
 
 	/* a rate budget pause ends by the clock, not by a success */
-	if (st == NULL || !st->warned || st->pause_status == PAUSE_PACING)
+	if (st == NULL || !st->warned || st->pause_status == XCAPI_PAUSE_PACING)
 		return;
 	ereport(LOG,
 			(errmsg("xcapi: sending conversions of pixel \"%s\" again", pixel)));
 	st->warned = false;
-	st->pause_status = -1;
+	st->pause_status = XCAPI_PAUSE_NONE;
 	st->paused_until = 0;
 }
 
@@ -327,7 +334,7 @@ within_budget(XcapiClaimed *rows, Batch *b, TimestampTz now, List **results)
 	}
 	if (allowed > 0)
 		xcapi_pacing_record(pixel, allowed, now);
-	pause_pixel(pixel, resume, PAUSE_PACING, NULL);
+	pause_pixel(pixel, resume, XCAPI_PAUSE_PACING, NULL);
 	rest.start = b->start + allowed;
 	rest.n = b->n - allowed;
 	add_result(results, &rest, OUT_RETRY, 0,
@@ -362,7 +369,7 @@ prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
 		const char *why = "refusing to send credentials over plain HTTP to a non-loopback host; set xcapi.api_url to an https:// URL";
 
 		until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
-		pause_pixel(pixel, until, PAUSE_NO_CREDENTIALS, why);
+		pause_pixel(pixel, until, XCAPI_PAUSE_NO_CREDENTIALS, why);
 		add_result(results, b, OUT_RETRY, 0,
 				   "no usable credentials: xcapi.api_url is plain HTTP to a non-loopback host",
 				   until, false);
@@ -371,7 +378,7 @@ prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
 	if (!xcapi_credentials_for(pixel, &cred))
 	{
 		until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
-		pause_pixel(pixel, until, PAUSE_NO_CREDENTIALS,
+		pause_pixel(pixel, until, XCAPI_PAUSE_NO_CREDENTIALS,
 					"xcapi.credentials_file holds no pixel_token and no complete OAuth 1.0a credentials for it");
 		add_result(results, b, OUT_RETRY, 0,
 				   "no usable credentials for this pixel in xcapi.credentials_file",
@@ -430,12 +437,15 @@ classify(XcapiClaimed *rows, Batch *b, XcapiHttpRequest *req,
 {
 	const char *pixel = rows[b->start].pixel_id;
 	long		status = req->http_status;
+	PixelState *st = pixel_state(pixel, true);
 
+	st->last_http_status = (int) status;
 	if (status >= 200 && status < 300)
 	{
 		char	   *account = xcapi_response_account_id(req->response.data,
 														req->response.len);
 
+		st->last_success = now;
 		if (account)
 			xcapi_pacing_learn_account(pixel, account);
 		resume_pixel(pixel);
@@ -484,6 +494,12 @@ classify(XcapiClaimed *rows, Batch *b, XcapiHttpRequest *req,
 		until = now + (TimestampTz) Max(wait_secs, 1) * USECS_PER_SEC;
 		pause_pixel(pixel, until, 429, NULL);
 		add_result(results, b, OUT_RETRY, 429, describe_failure(req), until,
+				   false);
+	}
+	else if (req->resend_refused)
+	{
+		/* a stale kept-alive connection, not a failure of X: again at once */
+		add_result(results, b, OUT_RETRY, 0, describe_failure(req), now,
 				   false);
 	}
 	else
@@ -620,6 +636,68 @@ record_results(XcapiClaimed *rows, List *results)
 }
 
 /*
+ * Copy the per-pixel state into shared memory for xcapi_pixel_state().
+ */
+static void
+publish_pixel_states(void)
+{
+	HASH_SEQ_STATUS seq;
+	PixelState *st;
+	int			n = 0;
+
+	SpinLockAcquire(&xcapi_shared->mutex);
+	hash_seq_init(&seq, pixel_states);
+	while ((st = hash_seq_search(&seq)) != NULL)
+	{
+		XcapiPixelShared *out;
+		const char *account;
+
+		if (n == XCAPI_MAX_SHARED_PIXELS)
+		{
+			hash_seq_term(&seq);
+			break;
+		}
+		out = &xcapi_shared->pixels[n++];
+		account = xcapi_pacing_account(st->pixel);
+		strlcpy(out->pixel, st->pixel, sizeof(out->pixel));
+		strlcpy(out->account, account ? account : "", sizeof(out->account));
+		out->paused_until = st->paused_until;
+		out->pause_kind = st->pause_status;
+		out->last_success = st->last_success;
+		out->last_http_status = st->last_http_status;
+	}
+	xcapi_shared->npixels = n;
+	SpinLockRelease(&xcapi_shared->mutex);
+}
+
+/*
+ * Delete sent rows past xcapi.retention, a batch at a time: when idle, or
+ * once a minute when busy, or again at once while there is more to purge.
+ */
+static void
+maybe_purge(bool idle)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			n;
+
+	if (xcapi_retention <= 0)
+		return;
+	if (!idle && !purge_pending &&
+		now - last_purge < (TimestampTz) PURGE_INTERVAL_SECS * USECS_PER_SEC)
+		return;
+	if (idle && !purge_pending &&
+		now - last_purge < (TimestampTz) xcapi_naptime * USECS_PER_SEC)
+		return;
+
+	begin_transaction("purging sent conversions");
+	n = xcapi_outbox_lookup_schema() ?
+		xcapi_outbox_purge(xcapi_retention, PURGE_BATCH) : 0;
+	end_transaction();
+	last_purge = now;
+	purge_pending = (n == PURGE_BATCH);
+}
+
+/*
  * One iteration.  Returns how long to sleep in ms: 0 to go on at once.
  */
 static long
@@ -673,9 +751,15 @@ run_once(void)
 	}
 	end_transaction();
 
+	maybe_purge(nrows == 0);
 	if (nrows == 0)
+	{
+		publish_pixel_states();
+		if (purge_pending)
+			return 0;
 		return Max(TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 												   wake), 0);
+	}
 
 	/* one pixel per request: batches are runs of one pixel, in id order */
 	qsort(rows, nrows, sizeof(XcapiClaimed), compare_claimed);
@@ -693,6 +777,7 @@ run_once(void)
 	}
 
 	record_results(rows, send_batches(rows, pending));
+	publish_pixel_states();
 	return 0;
 }
 
@@ -722,7 +807,7 @@ reload_configuration(void)
 			{
 				st->paused_until = 0;
 				st->warned = false;
-				st->pause_status = -1;
+				st->pause_status = XCAPI_PAUSE_NONE;
 			}
 		}
 	}

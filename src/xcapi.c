@@ -44,6 +44,7 @@ int			xcapi_naptime = 10;
 int			xcapi_rate_limit_events = 60000;
 int			xcapi_rate_limit_requests = 100000;
 int			xcapi_rate_window = 900;
+int			xcapi_retention = 7 * 24 * 3600;
 
 XcapiShared *xcapi_shared = NULL;
 bool		xcapi_preloaded = false;
@@ -132,6 +133,11 @@ define_settings(void)
 	DefineCustomIntVariable("xcapi.rate_window",
 							"Length of the rate-limit window.",
 							NULL, &xcapi_rate_window, 900, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("xcapi.retention",
+							"How long sent conversions stay in the outbox; 0 keeps them.",
+							"Dead conversions are kept until retried or deleted by hand.",
+							&xcapi_retention, 7 * 24 * 3600, 0, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("xcapi");
 }

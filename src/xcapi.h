@@ -51,10 +51,31 @@ extern int	xcapi_naptime;
 extern int	xcapi_rate_limit_events;
 extern int	xcapi_rate_limit_requests;
 extern int	xcapi_rate_window;
+extern int	xcapi_retention;
+
+/* Why the worker holds a pixel's conversions back (or XCAPI_PAUSE_NONE). */
+#define XCAPI_PAUSE_NONE (-1)
+#define XCAPI_PAUSE_NO_CREDENTIALS 0
+#define XCAPI_PAUSE_PACING 1
+/* 401, 403 and 429 stand for themselves */
+
+/* How many pixels the worker publishes its state for. */
+#define XCAPI_MAX_SHARED_PIXELS 64
+
+typedef struct XcapiPixelShared
+{
+	char		pixel[65];
+	char		account[65];	/* "" until X names it */
+	TimestampTz paused_until;
+	int			pause_kind;
+	TimestampTz last_success;
+	int			last_http_status;
+} XcapiPixelShared;
 
 /*
  * What backends and the worker share.  The latch pointer lets a committing
- * backend wake the worker; the counters feed monitoring.
+ * backend wake the worker; the rest is what the worker publishes for
+ * monitoring (xcapi_worker_state, xcapi_pixel_state).
  */
 typedef struct XcapiShared
 {
@@ -66,7 +87,8 @@ typedef struct XcapiShared
 	uint64		conversions_sent;
 	uint64		retries;
 	int			last_http_status;
-	TimestampTz paused_until;
+	int			npixels;
+	XcapiPixelShared pixels[XCAPI_MAX_SHARED_PIXELS];
 } XcapiShared;
 
 extern XcapiShared *xcapi_shared;
@@ -162,7 +184,10 @@ typedef struct XcapiHttpRequest
 	int64		rate_limit_reset;	/* epoch seconds, 0 if absent */
 	int64		rate_limit_remaining;	/* -1 if absent */
 	int64		retry_after;	/* seconds, -1 if absent */
+	bool		resend_refused; /* kept-alive connection died before any
+								 * answer; libcurl did not replay it */
 	/* private */
+	size_t		body_sent;
 	void	   *handle;
 	void	   *headers;
 } XcapiHttpRequest;
@@ -199,6 +224,7 @@ extern void xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
 extern void xcapi_outbox_mark_dead(int64 *ids, int n, int http_status,
 								   const char *error);
 extern void xcapi_outbox_release_auth_pauses(void);
+extern int	xcapi_outbox_purge(int retention_secs, int limit);
 
 /* pacing.c */
 extern int	xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,

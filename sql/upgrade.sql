@@ -1,0 +1,31 @@
+-- upgrades: install the first released version, then step through every update
+\set VERBOSITY terse
+DROP EXTENSION xcapi;
+SELECT source, target, path FROM pg_extension_update_paths('xcapi') WHERE path IS NOT NULL ORDER BY 1, 2;
+
+CREATE EXTENSION xcapi VERSION '0.1.0';
+SELECT extversion FROM pg_extension WHERE extname = 'xcapi';
+SELECT xcapi_fire('o8z6j', 'o8z2x', email => 'before-upgrade@example.com', conversion_id => 'kept') > 0 AS fired_on_0_1_0;
+
+ALTER EXTENSION xcapi UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'xcapi';
+
+-- the queued row survived; the new objects are there
+SELECT conversion_id, status IN ('queued', 'sending') AS pending FROM xcapi_conversions;
+SELECT pg_describe_object(classid, objid, 0) AS object
+  FROM pg_depend
+ WHERE refclassid = 'pg_extension'::regclass
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'xcapi')
+   AND deptype = 'e'
+ ORDER BY 1;
+SELECT array_agg(attname ORDER BY attnum) AS xcapi_stats_columns
+  FROM pg_attribute WHERE attrelid = 'xcapi_stats'::regclass AND attnum > 0;
+
+-- a fresh install of the default version gives the same objects
+DROP EXTENSION xcapi;
+CREATE EXTENSION xcapi;
+SELECT extversion FROM pg_extension WHERE extname = 'xcapi';
+SELECT count(*) AS objects FROM pg_depend
+ WHERE refclassid = 'pg_extension'::regclass
+   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'xcapi')
+   AND deptype = 'e';
