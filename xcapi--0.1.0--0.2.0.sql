@@ -4,6 +4,22 @@
 \echo Use "ALTER EXTENSION xcapi UPDATE TO '0.2.0'" to load this file. \quit
 
 /*
+ * The queue index no longer depends on status, so claiming a row
+ * (queued -> sending) changes no indexed column and can be a HOT update.
+ * A finished row (sent or dead) has no next attempt: next_attempt_at IS
+ * NULL, which keeps it out of the index's range scans.
+ */
+ALTER TABLE @extschema@.xcapi_conversions ALTER COLUMN next_attempt_at DROP NOT NULL;
+UPDATE @extschema@.xcapi_conversions SET next_attempt_at = NULL
+ WHERE status IN ('sent', 'dead');
+ALTER TABLE @extschema@.xcapi_conversions
+    ADD CONSTRAINT xcapi_conversions_next_attempt_check
+    CHECK ((next_attempt_at IS NULL) = (status IN ('sent', 'dead')));
+DROP INDEX @extschema@.xcapi_conversions_pending_idx;
+CREATE INDEX xcapi_conversions_due_idx
+    ON @extschema@.xcapi_conversions (next_attempt_at, id);
+
+/*
  * Monitoring from the worker's shared memory.
  */
 CREATE FUNCTION @extschema@.xcapi_worker_state(

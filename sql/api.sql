@@ -124,7 +124,7 @@ ROLLBACK;
 SELECT count(*) AS rolled_back_rows FROM xcapi_conversions WHERE payload::text LIKE '%' || xcapi_hash_email('same-xact@example.com') || '%';
 
 -- xcapi_retry: dead rows back in the queue, filtered by ids, pixel, error
-UPDATE xcapi_conversions SET status = 'dead', attempts = 12, last_http_status = 400,
+UPDATE xcapi_conversions SET status = 'dead', next_attempt_at = NULL, attempts = 12, last_http_status = 400,
        last_error = 'HTTP 400: INVALID_PARAMETER: hashed_email (abc) is not a valid SHA-256 hash'
  WHERE conversion_id IN ('order-1001', 'tz-check');
 SELECT xcapi_retry(ids => ARRAY[-1]) AS none_by_id;

@@ -29,3 +29,9 @@ SELECT count(*) AS objects FROM pg_depend
  WHERE refclassid = 'pg_extension'::regclass
    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'xcapi')
    AND deptype = 'e';
+
+-- the outbox's indexes and constraints as of the default version
+SELECT indexrelid::regclass AS index, pg_get_indexdef(indexrelid) AS definition
+  FROM pg_index WHERE indrelid = 'xcapi_conversions'::regclass ORDER BY 1;
+SELECT conname, pg_get_constraintdef(oid) AS definition
+  FROM pg_constraint WHERE conrelid = 'xcapi_conversions'::regclass ORDER BY 1;

@@ -29,6 +29,11 @@
 #include "access/skey.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "access/heapam.h"
+#include "access/genam.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_index.h"
+#include "utils/rel.h"
 #include "catalog/pg_extension.h"
 #include "utils/fmgroids.h"
 #include "catalog/namespace.h"
@@ -65,8 +70,10 @@ typedef enum OutboxPlan
 
 static char *schema_name = NULL;	/* quoted, in TopMemoryContext */
 static Oid	schema_oid = InvalidOid;
+static Oid	table_oid = InvalidOid;
 static Oid	table_owner = InvalidOid;
 static Oid	sequence_oid = InvalidOid;
+static bool direct_insert = false;	/* see can_insert_directly() */
 static LocalTransactionId looked_up_in = InvalidLocalTransactionId;
 static SPIPlanPtr plans[NUM_PLANS];
 
@@ -90,6 +97,129 @@ extension_schema(Oid ext)
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
 	return nsp;
+}
+
+/* The outbox's columns in the order xcapi fills them. */
+static const char *const outbox_columns[] = {
+	"id", "pixel_id", "event_id", "conversion_id", "conversion_time",
+	"payload", "status", "attempts", "next_attempt_at", "last_attempt_at",
+	"last_http_status", "last_error", "created_at", "sent_at"
+};
+
+#define NUM_OUTBOX_COLUMNS lengthof(outbox_columns)
+
+static AttrNumber outbox_attnums[NUM_OUTBOX_COLUMNS];
+
+/*
+ * Whether xcapi_fire may form the row itself and insert it into the heap
+ * and the indexes, skipping the executor: about five times cheaper per
+ * row than an INSERT through SPI, which is what a trigger on a busy table
+ * pays.  Only when the table is exactly what xcapi created: a plain table
+ * with the expected columns and no other column, no trigger or rule, and
+ * plain indexes (no expression, no predicate).  Otherwise the SPI INSERT,
+ * which honours everything, is used.
+ */
+static bool
+can_insert_directly(Oid table)
+{
+	Relation	rel = table_open(table, AccessShareLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	bool		ok = rel->rd_rel->relkind == RELKIND_RELATION &&
+		rel->trigdesc == NULL && !rel->rd_rel->relhasrules &&
+		!rel->rd_rel->relrowsecurity;
+	List	   *indexes;
+	ListCell   *lc;
+	int			live = 0;
+
+	for (int i = 0; ok && i < (int) NUM_OUTBOX_COLUMNS; i++)
+	{
+		outbox_attnums[i] = get_attnum(table, outbox_columns[i]);
+		ok = outbox_attnums[i] != InvalidAttrNumber;
+	}
+	for (int i = 0; i < desc->natts; i++)
+		if (!TupleDescAttr(desc, i)->attisdropped)
+			live++;
+	ok = ok && live == (int) NUM_OUTBOX_COLUMNS;
+
+	indexes = ok ? RelationGetIndexList(rel) : NIL;
+	foreach(lc, indexes)
+	{
+		Relation	idx = index_open(lfirst_oid(lc), AccessShareLock);
+
+		if (!heap_attisnull(idx->rd_indextuple, Anum_pg_index_indexprs, NULL) ||
+			!heap_attisnull(idx->rd_indextuple, Anum_pg_index_indpred, NULL) ||
+			idx->rd_index->indisexclusion || !idx->rd_index->indimmediate)
+			ok = false;
+		index_close(idx, AccessShareLock);
+	}
+	table_close(rel, AccessShareLock);
+	return ok;
+}
+
+/*
+ * Form the queued row and insert it into the heap and every index, as the
+ * executor would for this table (see can_insert_directly).
+ */
+static void
+insert_directly(int64 id, const char *pixel, const char *event_id,
+				const char *conversion_id, TimestampTz conversion_time,
+				const char *payload)
+{
+	Relation	rel = table_open(table_oid, RowExclusiveLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
+	bool	   *nulls = palloc(sizeof(bool) * desc->natts);
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	Datum		given[NUM_OUTBOX_COLUMNS];
+	bool		given_null[NUM_OUTBOX_COLUMNS] = {0};
+	HeapTuple	tup;
+	CatalogIndexState indstate;
+
+	given[0] = Int64GetDatum(id);
+	given[1] = CStringGetTextDatum(pixel);
+	given[2] = CStringGetTextDatum(event_id);
+	given[3] = CStringGetTextDatum(conversion_id);
+	given[4] = TimestampTzGetDatum(conversion_time);
+	given[5] = CStringGetTextDatum(payload);
+	given[6] = CStringGetTextDatum("queued");
+	given[7] = Int32GetDatum(0);
+	given[8] = TimestampTzGetDatum(now);	/* the column defaults: now() */
+	given_null[9] = given_null[10] = given_null[11] = true;
+	given[12] = TimestampTzGetDatum(now);
+	given_null[13] = true;
+
+	memset(nulls, true, sizeof(bool) * desc->natts);
+	for (int i = 0; i < (int) NUM_OUTBOX_COLUMNS; i++)
+	{
+		values[outbox_attnums[i] - 1] = given[i];
+		nulls[outbox_attnums[i] - 1] = given_null[i];
+	}
+	tup = heap_form_tuple(desc, values, nulls);
+	simple_heap_insert(rel, tup);
+
+	indstate = CatalogOpenIndexes(rel);
+	for (int i = 0; i < indstate->ri_NumIndices; i++)
+	{
+		IndexInfo  *info = indstate->ri_IndexRelationInfo[i];
+		Datum		ivalues[INDEX_MAX_KEYS];
+		bool		inulls[INDEX_MAX_KEYS];
+
+		for (int k = 0; k < info->ii_NumIndexAttrs; k++)
+		{
+			AttrNumber	attnum = info->ii_IndexAttrNumbers[k];
+
+			ivalues[k] = values[attnum - 1];
+			inulls[k] = nulls[attnum - 1];
+		}
+		index_insert(indstate->ri_IndexRelationDescs[i], ivalues, inulls,
+					 &tup->t_self, rel,
+					 indstate->ri_IndexRelationDescs[i]->rd_index->indisunique ?
+					 UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+					 false, info);
+	}
+	CatalogCloseIndexes(indstate);
+	heap_freetuple(tup);
+	table_close(rel, RowExclusiveLock);
 }
 
 /*
@@ -125,6 +255,8 @@ xcapi_outbox_lookup_schema(void)
 		return false;
 	table_owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
 	ReleaseSysCache(tup);
+	table_oid = table;
+	direct_insert = can_insert_directly(table);
 
 	if (nsp != schema_oid)
 	{
@@ -205,9 +337,10 @@ xcapi_outbox_next_id(void)
 }
 
 /*
- * Insert one queued conversion.  Runs as the table's owner, so a role
- * granted only EXECUTE on xcapi_fire can enqueue without reading the
- * queue.  payload is the conversion object's JSON text, stored as it is.
+ * Insert one queued conversion, directly or through SPI as the table's
+ * owner; either way a role granted only EXECUTE on xcapi_fire can enqueue
+ * without reading the queue.  payload is the conversion object's JSON
+ * text, stored as it is.
  */
 void
 xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
@@ -216,6 +349,13 @@ xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
 {
 	Oid			save_userid;
 	int			save_sec_context;
+
+	if (direct_insert)
+	{
+		insert_directly(id, pixel, event_id, conversion_id, conversion_time,
+						payload);
+		return;
+	}
 
 	GetUserIdAndSecContext(&save_userid, &save_sec_context);
 	SetUserIdAndSecContext(table_owner,
@@ -291,7 +431,7 @@ xcapi_outbox_claim(int limit, ArrayType *paused_pixels, XcapiClaimed **rows)
 	plan = get_plan(PLAN_CLAIM,
 					"WITH due AS ("
 					" SELECT id FROM %s.xcapi_conversions"
-					" WHERE status = 'queued' AND next_attempt_at <= now()"
+					" WHERE next_attempt_at <= now() AND status = 'queued'"
 					" AND pixel_id <> ALL ($2)"
 					" ORDER BY next_attempt_at, id LIMIT $1"
 					" FOR UPDATE SKIP LOCKED)"
@@ -341,7 +481,8 @@ xcapi_outbox_next_due(ArrayType *paused_pixels)
 	SPI_connect();
 	plan = get_plan(PLAN_NEXT_DUE,
 					"SELECT next_attempt_at FROM %s.xcapi_conversions"
-					" WHERE status = 'queued' AND pixel_id <> ALL ($1)"
+					" WHERE next_attempt_at IS NOT NULL AND status = 'queued'"
+					" AND pixel_id <> ALL ($1)"
 					" ORDER BY next_attempt_at LIMIT 1",
 					1, types);
 	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
@@ -368,7 +509,7 @@ xcapi_outbox_mark_sent(int64 *ids, int n, int http_status)
 	values[1] = Int32GetDatum(http_status);
 	run_plan(get_plan(PLAN_SENT,
 					  "UPDATE %s.xcapi_conversions"
-					  " SET status = 'sent', sent_at = now(),"
+					  " SET status = 'sent', sent_at = now(), next_attempt_at = NULL,"
 					  " last_http_status = $2, last_error = NULL"
 					  " WHERE id = ANY ($1) AND status = 'sending'",
 					  2, types),
@@ -406,7 +547,8 @@ xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
 					  "   THEN 'dead' ELSE 'queued' END,"
 					  " attempts = CASE WHEN $5 THEN attempts"
 					  "   ELSE greatest(attempts - 1, 0) END,"
-					  " next_attempt_at = $4,"
+					  " next_attempt_at = CASE WHEN $5 AND attempts >= $6"
+					  "   THEN NULL ELSE $4 END,"
 					  " last_http_status = $2, last_error = $3"
 					  " WHERE id = ANY ($1) AND status = 'sending'",
 					  6, types),
@@ -427,7 +569,8 @@ xcapi_outbox_mark_dead(int64 *ids, int n, int http_status, const char *error)
 	values[2] = CStringGetTextDatum(error);
 	run_plan(get_plan(PLAN_DEAD,
 					  "UPDATE %s.xcapi_conversions"
-					  " SET status = 'dead', last_http_status = $2,"
+					  " SET status = 'dead', next_attempt_at = NULL,"
+					  " last_http_status = $2,"
 					  " last_error = $3"
 					  " WHERE id = ANY ($1) AND status = 'sending'",
 					  3, types),
@@ -446,7 +589,7 @@ xcapi_outbox_release_auth_pauses(void)
 
 	SPI_connect();
 	sql = psprintf("UPDATE %s.xcapi_conversions SET next_attempt_at = now()"
-				   " WHERE status = 'queued' AND next_attempt_at > now()"
+				   " WHERE next_attempt_at > now() AND status = 'queued'"
 				   " AND (last_http_status IN (401, 403)"
 				   " OR last_error LIKE 'no usable credentials%%')",
 				   schema_name);
@@ -495,7 +638,8 @@ outbox_has_pending(void)
 	SPI_connect();
 	plan = get_plan(PLAN_PENDING,
 					"SELECT 1 FROM %s.xcapi_conversions"
-					" WHERE status IN ('queued', 'sending') LIMIT 1",
+					" WHERE next_attempt_at IS NOT NULL"
+					" AND status IN ('queued', 'sending') LIMIT 1",
 					0, NULL);
 	/* read_only = false: a new snapshot each time under READ COMMITTED */
 	if (SPI_execute_plan(plan, NULL, NULL, false, 1) != SPI_OK_SELECT)
