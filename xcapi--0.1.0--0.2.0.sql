@@ -84,3 +84,19 @@ REVOKE ALL ON FUNCTION @extschema@.xcapi_pixel_state() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.xcapi_worker_state() TO pg_monitor;
 GRANT EXECUTE ON FUNCTION @extschema@.xcapi_pixel_state() TO pg_monitor;
 GRANT SELECT ON @extschema@.xcapi_stats TO pg_monitor;
+
+/*
+ * CREATE TRIGGER ... EXECUTE FUNCTION xcapi_fire_trigger(...) checks its
+ * arguments against the table at once, instead of at the first row.
+ */
+CREATE FUNCTION @extschema@.xcapi_check_new_triggers()
+RETURNS event_trigger
+AS 'MODULE_PATHNAME', 'xcapi_check_new_triggers'
+LANGUAGE C;
+
+COMMENT ON FUNCTION @extschema@.xcapi_check_new_triggers() IS
+    'event trigger: validates the field=column arguments of new xcapi_fire_trigger triggers';
+
+CREATE EVENT TRIGGER xcapi_check_new_triggers ON ddl_command_end
+    WHEN TAG IN ('CREATE TRIGGER')
+    EXECUTE FUNCTION @extschema@.xcapi_check_new_triggers();

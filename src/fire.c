@@ -34,7 +34,14 @@
 #include "access/relation.h"
 #include "catalog/index.h"
 #include "catalog/pg_type.h"
+#include "commands/event_trigger.h"
 #include "commands/trigger.h"
+#include "access/table.h"
+#include "catalog/pg_trigger.h"
+#include "executor/spi.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_func.h"
+#include "utils/syscache.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
@@ -49,6 +56,7 @@
 
 PG_FUNCTION_INFO_V1(xcapi_fire);
 PG_FUNCTION_INFO_V1(xcapi_fire_trigger);
+PG_FUNCTION_INFO_V1(xcapi_check_new_triggers);
 
 #define MAX_ID_LEN 256
 #define MAX_TEXT_LEN 1024
@@ -443,13 +451,13 @@ typedef struct TriggerMapping
 static HTAB *mappings = NULL;
 
 static void
-mapping_error(TriggerData *td, int argno, const char *arg, const char *detail)
+mapping_error(Trigger *tg, Relation rel, int argno, const char *arg,
+			  const char *detail)
 {
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 			 errmsg("invalid argument %d \"%s\" of trigger \"%s\" on table \"%s\"",
-					argno, arg, td->tg_trigger->tgname,
-					RelationGetRelationName(td->tg_relation)),
+					argno, arg, tg->tgname, RelationGetRelationName(rel)),
 			 errdetail_internal("%s", detail),
 			 errhint("Arguments are the pixel, the event id, then pairs field=column; fields are conversion_id, value, currency, email, phone, twclid, ip_address, user_agent, number_items, description, contents, conversion_time.")));
 }
@@ -496,14 +504,12 @@ set_column(MappedColumn *ref, TupleDesc desc, AttrNumber attnum)
 	getTypeOutputInfo(ref->typid, &ref->typoutput, &varlena);
 }
 
-/* Parse and check the trigger's arguments against its table. */
+/* Parse and check the trigger's arguments against its table; names in cxt. */
 static void
-build_mapping(TriggerMapping *m, TriggerData *td)
+build_mapping(TriggerMapping *m, Trigger *tg, Relation rel, MemoryContext cxt)
 {
-	Trigger    *tg = td->tg_trigger;
-	Relation	rel = td->tg_relation;
 	TupleDesc	desc = RelationGetDescr(rel);
-	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
 
 	memset(m->columns, 0, sizeof(m->columns));
 	m->npk = 0;
@@ -529,25 +535,25 @@ build_mapping(TriggerMapping *m, TriggerData *td)
 		int			f;
 
 		if (eq == NULL || eq == arg || eq[1] == '\0')
-			mapping_error(td, i + 1, arg, "Expected field=column.");
+			mapping_error(tg, rel, i + 1, arg, "Expected field=column.");
 		field = pnstrdup(arg, eq - arg);
 		column = eq + 1;
 		for (f = 0; f < NUM_FIELDS; f++)
 			if (strcmp(field, field_names[f]) == 0)
 				break;
 		if (f == NUM_FIELDS)
-			mapping_error(td, i + 1, arg,
+			mapping_error(tg, rel, i + 1, arg,
 						  psprintf("\"%s\" is not a conversion field.", field));
 		if (m->columns[f].attnum != 0)
-			mapping_error(td, i + 1, arg,
+			mapping_error(tg, rel, i + 1, arg,
 						  psprintf("Field \"%s\" is mapped twice.", field));
 		attnum = get_attnum(RelationGetRelid(rel), column);
 		if (attnum == InvalidAttrNumber || attnum < 0)
-			mapping_error(td, i + 1, arg,
+			mapping_error(tg, rel, i + 1, arg,
 						  psprintf("Table \"%s\" has no column \"%s\".",
 								   RelationGetRelationName(rel), column));
 		if (!type_fits(f, TupleDescAttr(desc, attnum - 1)->atttypid))
-			mapping_error(td, i + 1, arg,
+			mapping_error(tg, rel, i + 1, arg,
 						  psprintf("Column \"%s\" has type %s, which cannot be used as %s.",
 								   column,
 								   format_type_be(TupleDescAttr(desc, attnum - 1)->atttypid),
@@ -573,7 +579,7 @@ build_mapping(TriggerMapping *m, TriggerData *td)
 		relation_close(idx, AccessShareLock);
 	}
 
-	old = MemoryContextSwitchTo(TopMemoryContext);
+	old = MemoryContextSwitchTo(cxt);
 	m->pixel = pstrdup(tg->tgargs[0]);
 	m->event_id = pstrdup(tg->tgargs[1]);
 	MemoryContextSwitchTo(old);
@@ -625,7 +631,7 @@ get_mapping(TriggerData *td)
 	m->pixel = NULL;			/* invalid until fully built */
 	PG_TRY();
 	{
-		build_mapping(m, td);
+		build_mapping(m, td->tg_trigger, td->tg_relation, TopMemoryContext);
 	}
 	PG_CATCH();
 	{
@@ -743,6 +749,105 @@ row_to_input(TriggerMapping *m, HeapTuple tuple, TupleDesc desc,
 	}
 }
 
+/* The oid of xcapi_fire_trigger() in the extension's schema. */
+static Oid
+get_fire_trigger_oid(void)
+{
+	List	   *name = list_make2(makeString(pstrdup(xcapi_outbox_schema_raw())),
+								  makeString("xcapi_fire_trigger"));
+
+	return LookupFuncName(name, 0, NULL, true);
+}
+
+static void wrong_trigger_kind(Trigger *tg);
+
+/* Validate one of our triggers on table relid; raises on a bad mapping. */
+static void
+check_trigger(Oid tgoid, Oid relid)
+{
+	Relation	rel = table_open(relid, AccessShareLock);
+	TriggerMapping m = {0};
+
+	for (int i = 0; rel->trigdesc && i < rel->trigdesc->numtriggers; i++)
+	{
+		Trigger    *tg = &rel->trigdesc->triggers[i];
+
+		if (tg->tgoid != tgoid)
+			continue;
+		if (!TRIGGER_FOR_AFTER(tg->tgtype) || !TRIGGER_FOR_ROW(tg->tgtype) ||
+			TRIGGER_FOR_DELETE(tg->tgtype) || TRIGGER_FOR_TRUNCATE(tg->tgtype))
+			wrong_trigger_kind(tg);
+		build_mapping(&m, tg, rel, CurrentMemoryContext);
+	}
+	table_close(rel, AccessShareLock);
+}
+
+static void
+wrong_trigger_kind(Trigger *tg)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+			 errmsg("trigger \"%s\" must be AFTER INSERT or UPDATE ... FOR EACH ROW",
+					tg->tgname)));
+}
+
+/*
+ * xcapi_check_new_triggers(): event trigger at the end of CREATE TRIGGER.
+ * Checks the arguments of every new trigger that calls xcapi_fire_trigger
+ * against its table, so a bad mapping fails CREATE TRIGGER itself rather
+ * than the first INSERT.
+ */
+Datum
+xcapi_check_new_triggers(PG_FUNCTION_ARGS)
+{
+	Oid			fire_trigger_oid;
+	int			ntriggers;
+	Oid		   *triggers;
+
+	/* trigger oid and table oid of each new trigger of ours */
+	if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("xcapi_check_new_triggers must be called as an event trigger")));
+	if (!xcapi_outbox_lookup_schema())
+		PG_RETURN_VOID();
+	fire_trigger_oid = get_fire_trigger_oid();
+	if (!OidIsValid(fire_trigger_oid))
+		PG_RETURN_VOID();
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	{
+		Oid			argtypes[1] = {OIDOID};
+		Datum		args[1] = {ObjectIdGetDatum(fire_trigger_oid)};
+
+		if (SPI_execute_with_args("SELECT t.oid, t.tgrelid"
+								  " FROM pg_catalog.pg_event_trigger_ddl_commands() c"
+								  " JOIN pg_catalog.pg_trigger t ON t.oid = c.objid"
+								  " WHERE c.object_type = 'trigger' AND t.tgfoid = $1",
+								  1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not list the new triggers");
+	}
+	ntriggers = (int) SPI_processed;
+	triggers = palloc(sizeof(Oid) * 2 * Max(ntriggers, 1));
+	for (int i = 0; i < ntriggers; i++)
+	{
+		bool		isnull;
+
+		triggers[2 * i] = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
+														 SPI_tuptable->tupdesc,
+														 1, &isnull));
+		triggers[2 * i + 1] = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
+															 SPI_tuptable->tupdesc,
+															 2, &isnull));
+	}
+	SPI_finish();
+
+	for (int i = 0; i < ntriggers; i++)
+		check_trigger(triggers[2 * i], triggers[2 * i + 1]);
+	PG_RETURN_VOID();
+}
+
 /* Errors about a row's values say which trigger turned the row into a conversion. */
 static void
 trigger_error_context(void *arg)
@@ -770,10 +875,7 @@ xcapi_fire_trigger(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_FOR_ROW(td->tg_event) ||
 		!(TRIGGER_FIRED_BY_INSERT(td->tg_event) ||
 		  TRIGGER_FIRED_BY_UPDATE(td->tg_event)))
-		ereport(ERROR,
-				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("trigger \"%s\" must be AFTER INSERT or UPDATE ... FOR EACH ROW",
-						td->tg_trigger->tgname)));
+		wrong_trigger_kind(td->tg_trigger);
 
 	m = get_mapping(td);
 	tuple = TRIGGER_FIRED_BY_UPDATE(td->tg_event) ? td->tg_newtuple :

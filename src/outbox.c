@@ -282,6 +282,13 @@ xcapi_outbox_schema(void)
 	return schema_name;
 }
 
+/* The schema's name unquoted, for catalog lookups. */
+const char *
+xcapi_outbox_schema_raw(void)
+{
+	return get_namespace_name(schema_oid);
+}
+
 /*
  * The kept plan for one statement; "%s" in sql stands for the schema.
  * Must be called inside SPI.

@@ -207,6 +207,7 @@ typedef struct XcapiClaimed
 
 extern bool xcapi_outbox_lookup_schema(void);
 extern const char *xcapi_outbox_schema(void);
+extern const char *xcapi_outbox_schema_raw(void);
 extern int64 xcapi_outbox_next_id(void);
 extern void xcapi_outbox_insert(int64 id, const char *pixel,
 								const char *event_id,
