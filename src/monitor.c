@@ -27,8 +27,8 @@
 PG_FUNCTION_INFO_V1(xcapi_worker_state);
 PG_FUNCTION_INFO_V1(xcapi_pixel_state);
 
-static const char *
-pause_reason(int kind)
+const char *
+xcapi_pause_reason(int kind)
 {
 	switch (kind)
 	{
@@ -126,7 +126,7 @@ xcapi_pixel_state(PG_FUNCTION_ARGS)
 		Datum		values[6] = {0};
 		bool		nulls[6] = {false, true, true, true, true, true};
 		bool		paused = copy[i].paused_until > now &&
-			pause_reason(copy[i].pause_kind) != NULL;
+			xcapi_pause_reason(copy[i].pause_kind) != NULL;
 
 		values[0] = CStringGetTextDatum(copy[i].pixel);
 		if (copy[i].account[0])
@@ -137,7 +137,7 @@ xcapi_pixel_state(PG_FUNCTION_ARGS)
 		if (paused)
 		{
 			values[2] = TimestampTzGetDatum(copy[i].paused_until);
-			values[3] = CStringGetTextDatum(pause_reason(copy[i].pause_kind));
+			values[3] = CStringGetTextDatum(xcapi_pause_reason(copy[i].pause_kind));
 			nulls[2] = nulls[3] = false;
 		}
 		if (copy[i].last_success != 0)

@@ -587,20 +587,24 @@ xcapi_outbox_mark_dead(int64 *ids, int n, int http_status, const char *error)
 
 /*
  * After new credentials are loaded, rows held back for missing or rejected
- * credentials are due at once.
+ * credentials (by this worker for the given pixels, or by an earlier one,
+ * going by their last answer) are due at once.
  */
 void
-xcapi_outbox_release_auth_pauses(void)
+xcapi_outbox_release_auth_pauses(ArrayType *pixels)
 {
 	char	   *sql;
+	Oid			types[1] = {TEXTARRAYOID};
+	Datum		values[1] = {PointerGetDatum(pixels)};
 
 	SPI_connect();
 	sql = psprintf("UPDATE %s.xcapi_conversions SET next_attempt_at = now()"
 				   " WHERE next_attempt_at > now() AND status = 'queued'"
-				   " AND (last_http_status IN (401, 403)"
+				   " AND (pixel_id = ANY ($1) OR last_http_status IN (401, 403)"
 				   " OR last_error LIKE 'no usable credentials%%')",
 				   schema_name);
-	if (SPI_execute(sql, false, 0) != SPI_OK_UPDATE)
+	if (SPI_execute_with_args(sql, 1, types, values, NULL, false, 0) !=
+		SPI_OK_UPDATE)
 		elog(ERROR, "could not release paused conversions");
 	SPI_finish();
 }

@@ -105,7 +105,10 @@ static HTAB *pixel_states = NULL;
 static bool repaired = false;
 static TimestampTz last_purge = 0;
 static bool purge_pending = true;
+static List *released_pixels = NIL;	/* auth pauses lifted by a reload */
 static bool credentials_changed = false;
+static TimestampTz last_claim = 0;
+static bool last_claim_full = false;
 static bool extension_missing_logged = false;
 
 static void
@@ -360,7 +363,13 @@ prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
 
 	if (pixel_paused(pixel, now, &until))
 	{
-		add_result(results, b, OUT_RETRY, 0, NULL, until, false);
+		PixelState *st = pixel_state(pixel, false);
+
+		add_result(results, b, OUT_RETRY, 0,
+				   psprintf("held back while the pixel is paused: %s",
+							xcapi_pause_reason(st->pause_status) ?
+							xcapi_pause_reason(st->pause_status) : "unknown"),
+				   until, false);
 		return NULL;
 	}
 	if (strncmp(xcapi_api_url, "https://", 8) != 0 &&
@@ -698,6 +707,28 @@ maybe_purge(bool idle)
 }
 
 /*
+ * Leave at least xcapi.batch_delay between two claims, unless the last one
+ * was full (a backlog is drained at full speed).  Under a stream of
+ * commits this lets the conversions of many commits share one request,
+ * which spares X's request budget and the worker's CPU; an isolated
+ * commit is not delayed, the previous claim being long past.  The latch
+ * stays set meanwhile, so nothing is missed.
+ */
+static void
+wait_batch_delay(void)
+{
+	long		ms;
+
+	if (xcapi_batch_delay <= 0 || last_claim == 0 || last_claim_full)
+		return;
+	ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+										 last_claim + (TimestampTz) xcapi_batch_delay * 1000);
+	if (ms > 0)
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, ms,
+						 PG_WAIT_EXTENSION);
+}
+
+/*
  * One iteration.  Returns how long to sleep in ms: 0 to go on at once.
  */
 static long
@@ -711,6 +742,7 @@ run_once(void)
 	ArrayType  *paused;
 	List	   *pending = NIL;
 
+	wait_batch_delay();
 	begin_transaction("claiming conversions");
 	MemoryContextSwitchTo(loop_context);
 	if (!xcapi_outbox_lookup_schema())
@@ -736,12 +768,23 @@ run_once(void)
 	}
 	if (credentials_changed)
 	{
-		xcapi_outbox_release_auth_pauses();
+		Datum	   *items = palloc(sizeof(Datum) * (list_length(released_pixels) + 1));
+		int			n = 0;
+		ListCell   *lc;
+
+		foreach(lc, released_pixels)
+			items[n++] = CStringGetTextDatum((char *) lfirst(lc));
+		xcapi_outbox_release_auth_pauses(construct_array(items, n, TEXTOID, -1,
+														 false, TYPALIGN_INT));
+		list_free_deep(released_pixels);
+		released_pixels = NIL;
 		credentials_changed = false;
 	}
 
 	paused = paused_pixel_array(now, &wake);
 	nrows = xcapi_outbox_claim(limit, paused, &rows);
+	last_claim = GetCurrentTimestamp();
+	last_claim_full = (nrows == limit);
 	if (nrows == 0)
 	{
 		TimestampTz due = xcapi_outbox_next_due(paused);
@@ -794,7 +837,7 @@ reload_configuration(void)
 	pfree(old_url);
 	pfree(old_ca);
 
-	/* new credentials: lift every pause and try held rows at once */
+	/* new credentials: lift credential pauses and try held rows at once */
 	xcapi_credentials_load();
 	{
 		HASH_SEQ_STATUS seq;
@@ -803,8 +846,13 @@ reload_configuration(void)
 		hash_seq_init(&seq, pixel_states);
 		while ((st = hash_seq_search(&seq)) != NULL)
 		{
-			if (st->pause_status != 429)
+			if (st->pause_status == XCAPI_PAUSE_NO_CREDENTIALS ||
+				st->pause_status == 401 || st->pause_status == 403)
 			{
+				MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+				released_pixels = lappend(released_pixels, pstrdup(st->pixel));
+				MemoryContextSwitchTo(old);
 				st->paused_until = 0;
 				st->warned = false;
 				st->pause_status = XCAPI_PAUSE_NONE;
@@ -825,6 +873,14 @@ xcapi_worker_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(xcapi_database, NULL, 0);
 	pgstat_report_appname("xcapi worker");
+
+	/*
+	 * The worker's own status changes need not wait for a WAL flush: if a
+	 * crash loses the last few, rows fall back to queued or sending and are
+	 * sent again with the same conversion_id, which at-least-once allows.
+	 * The conversions themselves are committed by their callers as usual.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	advertise_worker();
 
 	loop_context = AllocSetContextCreate(TopMemoryContext, "xcapi worker loop",

@@ -41,6 +41,7 @@ int			xcapi_max_attempts = 12;
 int			xcapi_retry_base = 1000;
 int			xcapi_retry_max = 600000;
 int			xcapi_naptime = 10;
+int			xcapi_batch_delay = 2;
 int			xcapi_rate_limit_events = 60000;
 int			xcapi_rate_limit_requests = 100000;
 int			xcapi_rate_window = 900;
@@ -120,6 +121,11 @@ define_settings(void)
 							"Commits wake the worker at once; this is a safety net.",
 							&xcapi_naptime, 10, 1, 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("xcapi.batch_delay",
+							"Least time between two claims of the worker.",
+							"Under a stream of commits, conversions committed meanwhile share a request instead of one request each.",
+							&xcapi_batch_delay, 2, 0, 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("xcapi.rate_limit_events",
 							"Most conversions sent per ad account per rate window; 0 for no limit.",
 							"X's guide allows 60,000 events per account per 15 minutes.",

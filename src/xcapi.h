@@ -48,6 +48,7 @@ extern int	xcapi_max_attempts;
 extern int	xcapi_retry_base;
 extern int	xcapi_retry_max;
 extern int	xcapi_naptime;
+extern int	xcapi_batch_delay;
 extern int	xcapi_rate_limit_events;
 extern int	xcapi_rate_limit_requests;
 extern int	xcapi_rate_window;
@@ -224,7 +225,7 @@ extern void xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
 									bool count_attempt);
 extern void xcapi_outbox_mark_dead(int64 *ids, int n, int http_status,
 								   const char *error);
-extern void xcapi_outbox_release_auth_pauses(void);
+extern void xcapi_outbox_release_auth_pauses(ArrayType *pixels);
 extern int	xcapi_outbox_purge(int retention_secs, int limit);
 
 /* pacing.c */
@@ -233,6 +234,9 @@ extern int	xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,
 extern void xcapi_pacing_record(const char *pixel, int n, TimestampTz now);
 extern void xcapi_pacing_learn_account(const char *pixel, const char *account);
 extern const char *xcapi_pacing_account(const char *pixel);
+
+/* monitor.c */
+extern const char *xcapi_pause_reason(int kind);
 
 /* worker.c */
 extern PGDLLEXPORT void xcapi_worker_main(Datum main_arg);
