@@ -3,14 +3,17 @@
  * outbox.c
  *		Every SQL statement on the outbox table xcapi_conversions.
  *
- * The worker claims due rows in one set-based UPDATE (queued -> sending,
- * attempt counted), sends them outside any transaction, and records the
- * outcome in a second short transaction with one UPDATE per outcome.  A
- * worker that dies between the two leaves rows in 'sending'; the next
- * worker's start-up repair puts them back in the queue, so a committed
- * conversion ends 'sent' or 'dead' and never vanishes.  A resend carries
- * the same stored payload, hence the same conversion_id, which is what X
- * deduplicates on.
+ * The worker reads due rows in one short read-only statement, sends them
+ * outside any transaction, and records each outcome with one set-based
+ * UPDATE: sent, back to the queue with a later next_attempt_at, or dead.
+ * Rows stay 'queued' while in flight: there is one worker, which knows
+ * what it has in flight, and a worker that dies mid-send leaves nothing to
+ * repair: the rows are simply due again, so a committed conversion ends
+ * 'sent' or 'dead' and never vanishes.  Each row is thus written twice in
+ * its life (insert, outcome), not three times.  A resend carries the same
+ * stored payload, hence the same conversion_id, which is what X
+ * deduplicates on.  ('sending' is what workers of version 0.1.0 wrote;
+ * rows in it are repaired at start and accepted by every outcome.)
  *
  * Callers are inside a transaction with a snapshot.  Plans are prepared
  * once per schema and kept.  Every name is schema-qualified with the
@@ -421,9 +424,9 @@ xcapi_outbox_repair(void)
 }
 
 /*
- * Claim up to limit due conversions of pixels not in paused_pixels:
- * queued -> sending, attempts + 1.  Rows are copied into the caller's
- * memory context.  Returns how many were claimed.
+ * Read up to limit due conversions of pixels not in paused_pixels, oldest
+ * due first.  Rows are copied into the caller's memory context.  Returns
+ * how many were read.
  */
 int
 xcapi_outbox_claim(int limit, ArrayType *paused_pixels, XcapiClaimed **rows)
@@ -436,21 +439,16 @@ xcapi_outbox_claim(int limit, ArrayType *paused_pixels, XcapiClaimed **rows)
 
 	SPI_connect();
 	plan = get_plan(PLAN_CLAIM,
-					"WITH due AS ("
-					" SELECT id FROM %s.xcapi_conversions"
+					"SELECT id, pixel_id, payload::text, attempts"
+					" FROM %s.xcapi_conversions"
 					" WHERE next_attempt_at <= now() AND status = 'queued'"
 					" AND pixel_id <> ALL ($2)"
-					" ORDER BY next_attempt_at, id LIMIT $1"
-					" FOR UPDATE SKIP LOCKED)"
-					" UPDATE %s.xcapi_conversions c"
-					" SET status = 'sending', attempts = c.attempts + 1,"
-					" last_attempt_at = now()"
-					" FROM due WHERE c.id = due.id"
-					" RETURNING c.id, c.pixel_id, c.payload::text, c.attempts",
+					" ORDER BY next_attempt_at, id LIMIT $1",
 					2, types);
 	values[0] = Int32GetDatum(limit);
 	values[1] = PointerGetDatum(paused_pixels);
-	run_plan(plan, values, NULL, SPI_OK_UPDATE_RETURNING);
+	if (SPI_execute_plan(plan, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read due conversions");
 
 	n = (int) SPI_processed;
 	*rows = MemoryContextAlloc(caller, sizeof(XcapiClaimed) * Max(n, 1));
@@ -517,8 +515,9 @@ xcapi_outbox_mark_sent(int64 *ids, int n, int http_status)
 	run_plan(get_plan(PLAN_SENT,
 					  "UPDATE %s.xcapi_conversions"
 					  " SET status = 'sent', sent_at = now(), next_attempt_at = NULL,"
+					  " attempts = attempts + 1, last_attempt_at = now(),"
 					  " last_http_status = $2, last_error = NULL"
-					  " WHERE id = ANY ($1) AND status = 'sending'",
+					  " WHERE id = ANY ($1) AND status IN ('queued', 'sending')",
 					  2, types),
 			 values, NULL, SPI_OK_UPDATE);
 	SPI_finish();
@@ -527,7 +526,7 @@ xcapi_outbox_mark_sent(int64 *ids, int n, int http_status)
 /*
  * Back to the queue, due at next_attempt.  A counted attempt that was the
  * last one allowed makes the row dead instead; an attempt not counted (a
- * rate limit, a paused credential) is given back.
+ * rate limit, a paused credential) leaves the count alone.
  */
 void
 xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
@@ -550,14 +549,14 @@ xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
 	values[5] = Int32GetDatum(xcapi_max_attempts);
 	run_plan(get_plan(PLAN_RETRY,
 					  "UPDATE %s.xcapi_conversions"
-					  " SET status = CASE WHEN $5 AND attempts >= $6"
+					  " SET status = CASE WHEN $5 AND attempts + 1 >= $6"
 					  "   THEN 'dead' ELSE 'queued' END,"
-					  " attempts = CASE WHEN $5 THEN attempts"
-					  "   ELSE greatest(attempts - 1, 0) END,"
-					  " next_attempt_at = CASE WHEN $5 AND attempts >= $6"
+					  " attempts = attempts + CASE WHEN $5 THEN 1 ELSE 0 END,"
+					  " next_attempt_at = CASE WHEN $5 AND attempts + 1 >= $6"
 					  "   THEN NULL ELSE $4 END,"
+					  " last_attempt_at = now(),"
 					  " last_http_status = $2, last_error = $3"
-					  " WHERE id = ANY ($1) AND status = 'sending'",
+					  " WHERE id = ANY ($1) AND status IN ('queued', 'sending')",
 					  6, types),
 			 values, nulls, SPI_OK_UPDATE);
 	SPI_finish();
@@ -577,9 +576,9 @@ xcapi_outbox_mark_dead(int64 *ids, int n, int http_status, const char *error)
 	run_plan(get_plan(PLAN_DEAD,
 					  "UPDATE %s.xcapi_conversions"
 					  " SET status = 'dead', next_attempt_at = NULL,"
-					  " last_http_status = $2,"
-					  " last_error = $3"
-					  " WHERE id = ANY ($1) AND status = 'sending'",
+					  " attempts = attempts + 1, last_attempt_at = now(),"
+					  " last_http_status = $2, last_error = $3"
+					  " WHERE id = ANY ($1) AND status IN ('queued', 'sending')",
 					  3, types),
 			 values, NULL, SPI_OK_UPDATE);
 	SPI_finish();

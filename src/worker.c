@@ -306,14 +306,15 @@ add_result(List **results, Batch *b, Outcome outcome, int http_status,
 	MemoryContextSwitchTo(old);
 }
 
+/* The number of the attempt just made: one more than the most recorded. */
 static int
-max_attempts_of(XcapiClaimed *rows, Batch *b)
+attempt_number(XcapiClaimed *rows, Batch *b)
 {
 	int			m = 0;
 
 	for (int i = b->start; i < b->start + b->n; i++)
 		m = Max(m, rows[i].attempts);
-	return m;
+	return m + 1;
 }
 
 /*
@@ -513,7 +514,7 @@ classify(XcapiClaimed *rows, Batch *b, XcapiHttpRequest *req,
 	}
 	else
 	{
-		TimestampTz next = backoff_until(now, max_attempts_of(rows, b));
+		TimestampTz next = backoff_until(now, attempt_number(rows, b));
 
 		if (req->retry_after > 0)
 			next = Max(next, now + (TimestampTz) req->retry_after * USECS_PER_SEC);
@@ -611,36 +612,44 @@ end_transaction(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
-/* Record every outcome in one transaction. */
+/*
+ * Record every outcome in one transaction: all sent rows in one statement
+ * (the common case), the others per batch.
+ */
 static void
-record_results(XcapiClaimed *rows, List *results)
+record_results(XcapiClaimed *rows, int nrows, List *results)
 {
+	int64	   *sent_ids = palloc(sizeof(int64) * Max(nrows, 1));
+	int			nsent = 0;
+	int			sent_status = 200;
 	ListCell   *lc;
 
 	begin_transaction("recording conversions");
 	foreach(lc, results)
 	{
-		BatchResult	   *r = lfirst(lc);
-		int64	   *ids = palloc(sizeof(int64) * r->n);
+		BatchResult *r = lfirst(lc);
+		int64	   *ids;
 
+		if (r->outcome == OUT_SENT)
+		{
+			for (int i = 0; i < r->n; i++)
+				sent_ids[nsent++] = rows[r->start + i].id;
+			sent_status = r->http_status;
+			continue;
+		}
+		ids = palloc(sizeof(int64) * r->n);
 		for (int i = 0; i < r->n; i++)
 			ids[i] = rows[r->start + i].id;
-		switch (r->outcome)
-		{
-			case OUT_SENT:
-				xcapi_outbox_mark_sent(ids, r->n, r->http_status);
-				break;
-			case OUT_RETRY:
-				xcapi_outbox_mark_retry(ids, r->n, r->http_status,
-										r->error ? r->error : "held back",
-										r->next_attempt, r->count_attempt);
-				break;
-			case OUT_DEAD:
-				xcapi_outbox_mark_dead(ids, r->n, r->http_status, r->error);
-				break;
-		}
+		if (r->outcome == OUT_RETRY)
+			xcapi_outbox_mark_retry(ids, r->n, r->http_status,
+									r->error ? r->error : "held back",
+									r->next_attempt, r->count_attempt);
+		else
+			xcapi_outbox_mark_dead(ids, r->n, r->http_status, r->error);
 		pfree(ids);
 	}
+	if (nsent > 0)
+		xcapi_outbox_mark_sent(sent_ids, nsent, sent_status);
 	end_transaction();
 }
 
@@ -819,7 +828,7 @@ run_once(void)
 		i += b->n;
 	}
 
-	record_results(rows, send_batches(rows, pending));
+	record_results(rows, nrows, send_batches(rows, pending));
 	publish_pixel_states();
 	return 0;
 }
