@@ -45,6 +45,7 @@
 #include "commands/sequence.h"
 #include "catalog/pg_class.h"
 #include "utils/syscache.h"
+#include "utils/inval.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -68,6 +69,7 @@ typedef enum OutboxPlan
 	PLAN_DEAD,
 	PLAN_PENDING,
 	PLAN_PURGE,
+	PLAN_DEFER,
 	NUM_PLANS
 } OutboxPlan;
 
@@ -77,7 +79,8 @@ static Oid	table_oid = InvalidOid;
 static Oid	table_owner = InvalidOid;
 static Oid	sequence_oid = InvalidOid;
 static bool direct_insert = false;	/* see can_insert_directly() */
-static LocalTransactionId looked_up_in = InvalidLocalTransactionId;
+static bool lookup_valid = false;	/* until an invalidation says otherwise */
+static bool callbacks_registered = false;
 static SPIPlanPtr plans[NUM_PLANS];
 
 /* The schema of extension ext (not exported by PostgreSQL 15). */
@@ -226,10 +229,29 @@ insert_directly(int64 id, const char *pixel, const char *event_id,
 }
 
 /*
- * Find the extension's schema, table owner and id sequence, once per
- * transaction.  Returns false if the extension is not installed in this
- * database.  When the schema changed (the extension was re-created
- * elsewhere), the kept plans are dropped.
+ * Any change to the outbox table (DDL, a new trigger or index, DROP
+ * EXTENSION) or to a schema invalidates what was looked up.
+ */
+static void
+outbox_relcache_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == table_oid)
+		lookup_valid = false;
+}
+
+static void
+outbox_syscache_callback(Datum arg, int cacheid, uint32 hashvalue)
+{
+	lookup_valid = false;
+}
+
+/*
+ * Find the extension's schema, table owner and id sequence, and whether
+ * rows can be inserted directly.  Kept until an invalidation message says
+ * the table or a schema changed: a busy backend or the worker does not pay
+ * for catalog lookups on every transaction.  Returns false if the
+ * extension is not installed in this database.  When the schema changed
+ * (the extension was re-created elsewhere), the kept plans are dropped.
  */
 bool
 xcapi_outbox_lookup_schema(void)
@@ -239,8 +261,15 @@ xcapi_outbox_lookup_schema(void)
 	Oid			table;
 	HeapTuple	tup;
 
-	if (looked_up_in == MyProc->lxid && OidIsValid(schema_oid))
+	if (lookup_valid)
 		return true;
+	if (!callbacks_registered)
+	{
+		CacheRegisterRelcacheCallback(outbox_relcache_callback, (Datum) 0);
+		CacheRegisterSyscacheCallback(NAMESPACEOID, outbox_syscache_callback,
+									  (Datum) 0);
+		callbacks_registered = true;
+	}
 
 	ext = get_extension_oid("xcapi", true);
 	if (!OidIsValid(ext))
@@ -275,7 +304,7 @@ xcapi_outbox_lookup_schema(void)
 										  quote_identifier(get_namespace_name(nsp)));
 		schema_oid = nsp;
 	}
-	looked_up_in = MyProc->lxid;
+	lookup_valid = true;
 	return true;
 }
 
@@ -471,13 +500,16 @@ xcapi_outbox_claim(int limit, ArrayType *paused_pixels, XcapiClaimed **rows)
 }
 
 /*
- * When the earliest queued conversion becomes due; DT_NOEND if none.
+ * When the earliest queued conversion of an unpaused pixel becomes due, if
+ * before "before"; DT_NOEND otherwise.  The bound keeps the index scan
+ * short: rows deferred to the end of a pause lie beyond it.
  */
 TimestampTz
-xcapi_outbox_next_due(ArrayType *paused_pixels)
+xcapi_outbox_next_due(ArrayType *paused_pixels, TimestampTz before)
 {
-	Oid			types[1] = {TEXTARRAYOID};
-	Datum		values[1] = {PointerGetDatum(paused_pixels)};
+	Oid			types[2] = {TEXTARRAYOID, TIMESTAMPTZOID};
+	Datum		values[2] = {PointerGetDatum(paused_pixels),
+	TimestampTzGetDatum(before)};
 	SPIPlanPtr	plan;
 	TimestampTz result = DT_NOEND;
 	bool		isnull;
@@ -486,10 +518,10 @@ xcapi_outbox_next_due(ArrayType *paused_pixels)
 	SPI_connect();
 	plan = get_plan(PLAN_NEXT_DUE,
 					"SELECT next_attempt_at FROM %s.xcapi_conversions"
-					" WHERE next_attempt_at IS NOT NULL AND status = 'queued'"
+					" WHERE next_attempt_at < $2 AND status = 'queued'"
 					" AND pixel_id <> ALL ($1)"
 					" ORDER BY next_attempt_at LIMIT 1",
-					1, types);
+					2, types);
 	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the outbox");
 	if (SPI_processed > 0)
@@ -605,6 +637,28 @@ xcapi_outbox_release_auth_pauses(ArrayType *pixels)
 	if (SPI_execute_with_args(sql, 1, types, values, NULL, false, 0) !=
 		SPI_OK_UPDATE)
 		elog(ERROR, "could not release paused conversions");
+	SPI_finish();
+}
+
+/*
+ * Make the due rows of paused pixels due at the end of their pause
+ * instead (attempts untouched), so that claims stop walking over them.
+ */
+void
+xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils)
+{
+	Oid			types[2] = {TEXTARRAYOID, TIMESTAMPTZARRAYOID};
+	Datum		values[2] = {PointerGetDatum(pixels), PointerGetDatum(untils)};
+
+	SPI_connect();
+	run_plan(get_plan(PLAN_DEFER,
+					  "UPDATE %s.xcapi_conversions c"
+					  " SET next_attempt_at = p.until"
+					  " FROM unnest($1, $2) AS p (pixel, until)"
+					  " WHERE c.next_attempt_at < p.until AND c.status = 'queued'"
+					  " AND c.pixel_id = p.pixel",
+					  2, types),
+			 values, NULL, SPI_OK_UPDATE);
 	SPI_finish();
 }
 

@@ -7,8 +7,8 @@
  * X limits conversions per ad account per 15 minutes (60,000 events in
  * its guide; 100,000 requests in the v12 reference).  Both budgets are
  * settings.  Usage is kept in one counter per second over the last window
- * (a sliding window), so no window of that length, and hence none of X's
- * fixed windows, ever holds more than the budget.
+ * and one second more (a sliding window), so no window of that length,
+ * and hence none of X's fixed windows, ever holds more than the budget.
  *
  * The account of a pixel is learned from X's answers (request.params.
  * account_id); until then a pixel counts as its own account.  Several
@@ -31,13 +31,20 @@
 #define KEY_LEN 65
 #define MAX_WINDOW_SECS 3600
 
-/* One account's usage: per-second counters, indexed by second % window. */
+/*
+ * One account's usage: per-second counters, indexed by second % (w + 1).
+ * What was sent during second s is counted until the end of second s + w:
+ * sent as late as s + 0.999, it must still count w seconds later, so no
+ * real-time window of w seconds ever holds more than the budget.
+ */
+#define NSLOTS (MAX_WINDOW_SECS + 1)
+
 typedef struct Budget
 {
 	char		key[KEY_LEN];	/* "a:<account>" or "p:<pixel>" */
-	int64		second[MAX_WINDOW_SECS];
-	int32		events[MAX_WINDOW_SECS];
-	int32		requests[MAX_WINDOW_SECS];
+	int64		second[NSLOTS];
+	int32		events[NSLOTS];
+	int32		requests[NSLOTS];
 } Budget;
 
 typedef struct PixelAccount
@@ -112,7 +119,7 @@ window_secs(void)
 static int
 slot_of(Budget *b, int64 s)
 {
-	int			i = (int) (s % window_secs());
+	int			i = (int) (s % (window_secs() + 1));
 
 	if (b->second[i] != s)
 	{
@@ -123,11 +130,11 @@ slot_of(Budget *b, int64 s)
 	return i;
 }
 
-/* True if the slot holds usage from within the window ending at second now. */
+/* True if the slot holds usage that still counts during second now. */
 static bool
 slot_live(Budget *b, int i, int64 now)
 {
-	return b->second[i] > now - window_secs() && b->second[i] <= now;
+	return b->second[i] >= now - window_secs() && b->second[i] <= now;
 }
 
 /*
@@ -152,7 +159,7 @@ xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,
 		return want;
 
 	b = budget_for(pixel);
-	for (int i = 0; i < w; i++)
+	for (int i = 0; i <= w; i++)
 	{
 		if (slot_live(b, i, now_s))
 		{
@@ -175,10 +182,10 @@ xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,
 		used_events + want - xcapi_rate_limit_events : 0;
 	need_requests = xcapi_rate_limit_requests > 0 ?
 		used_requests + 1 - xcapi_rate_limit_requests : 0;
-	*resume_at = now + (TimestampTz) w * USECS_PER_SEC;
-	for (int64 s = now_s - w + 1; s <= now_s; s++)
+	*resume_at = (TimestampTz) (now_s + w + 1) * USECS_PER_SEC;
+	for (int64 s = now_s - w; s <= now_s; s++)
 	{
-		int			i = (int) (s % w);
+		int			i = (int) (s % (w + 1));
 
 		if (b->second[i] != s)
 			continue;
@@ -186,8 +193,8 @@ xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,
 		need_requests -= b->requests[i];
 		if (need_events <= 0 && need_requests <= 0)
 		{
-			/* that second leaves the window w seconds after it began */
-			*resume_at = (TimestampTz) (s + w) * USECS_PER_SEC;
+			/* that second stops counting at the end of second s + w */
+			*resume_at = (TimestampTz) (s + w + 1) * USECS_PER_SEC;
 			break;
 		}
 	}
@@ -226,7 +233,7 @@ xcapi_pacing_learn_account(const char *pixel, const char *account)
 	from = budget_for(pixel);
 	strlcpy(pa->account, account, KEY_LEN);
 	to = budget_for(pixel);
-	for (int i = 0; i < MAX_WINDOW_SECS; i++)
+	for (int i = 0; i < NSLOTS; i++)
 	{
 		if (from->second[i] == 0)
 			continue;

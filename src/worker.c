@@ -33,6 +33,8 @@
  */
 #include "xcapi.h"
 
+#include <arpa/inet.h>
+
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/pg_type.h"
@@ -109,6 +111,11 @@ static List *released_pixels = NIL;	/* auth pauses lifted by a reload */
 static bool credentials_changed = false;
 static TimestampTz last_claim = 0;
 static bool last_claim_full = false;
+static bool last_claim_blocked = false;
+static bool pauses_changed = false;	/* a pixel was paused since the last claim */	/* empty while pixels were paused */
+
+/* Least time between claims that find nothing while some pixel is paused. */
+#define BLOCKED_CLAIM_INTERVAL_MS 20
 static bool extension_missing_logged = false;
 
 static void
@@ -178,6 +185,8 @@ pause_pixel(const char *pixel, TimestampTz until, int kind, const char *why)
 	bool		new_state = st->pause_status != kind || !st->warned ||
 		(routine && st->paused_until <= GetCurrentTimestamp());
 
+	if (until > st->paused_until)
+		pauses_changed = true;
 	st->paused_until = until;
 	st->pause_status = kind;
 	if (!new_state)
@@ -216,25 +225,35 @@ resume_pixel(const char *pixel)
 	st->paused_until = 0;
 }
 
+/*
+ * The pixels paused now, and when each pause ends (for deferring their
+ * rows); *earliest_resume is lowered to the first end.
+ */
 static ArrayType *
-paused_pixel_array(TimestampTz now, TimestampTz *earliest_resume)
+paused_pixel_array(TimestampTz now, TimestampTz *earliest_resume,
+				   ArrayType **untils)
 {
 	HASH_SEQ_STATUS seq;
 	PixelState *st;
 	Datum	   *items;
+	Datum	   *ends;
 	int			n = 0;
 
 	items = palloc(sizeof(Datum) * (hash_get_num_entries(pixel_states) + 1));
+	ends = palloc(sizeof(Datum) * (hash_get_num_entries(pixel_states) + 1));
 	hash_seq_init(&seq, pixel_states);
 	while ((st = hash_seq_search(&seq)) != NULL)
 	{
 		if (st->paused_until > now)
 		{
-			items[n++] = CStringGetTextDatum(st->pixel);
+			items[n] = CStringGetTextDatum(st->pixel);
+			ends[n++] = TimestampTzGetDatum(st->paused_until);
 			if (st->paused_until < *earliest_resume)
 				*earliest_resume = st->paused_until;
 		}
 	}
+	*untils = construct_array(ends, n, TIMESTAMPTZOID, sizeof(TimestampTz),
+							  true, TYPALIGN_DOUBLE);
 	return construct_array(items, n, TEXTOID, -1, false, TYPALIGN_INT);
 }
 
@@ -263,17 +282,38 @@ compare_claimed(const void *a, const void *b)
 	return ra->id < rb->id ? -1 : ra->id > rb->id ? 1 : 0;
 }
 
+/*
+ * True if url names a loopback host exactly: localhost, 127.0.0.0/8 or
+ * [::1].  Only there may credentials travel over plain HTTP (tests).
+ */
 static bool
 is_loopback_host(const char *url)
 {
-	const char *host = strstr(url, "://");
+	const char *start = strstr(url, "://");
+	size_t		len;
+	char		host[256];
 
-	if (host == NULL)
+	if (start == NULL)
 		return false;
-	host += 3;
-	return strncmp(host, "127.", 4) == 0 ||
-		strncmp(host, "localhost", 9) == 0 ||
-		strncmp(host, "[::1]", 5) == 0;
+	start += 3;
+	if (*start == '[')
+		len = strcspn(start, "]") + 1;
+	else
+		len = strcspn(start, ":/?#");
+	if (len == 0 || len >= sizeof(host))
+		return false;
+	memcpy(host, start, len);
+	host[len] = '\0';
+
+	if (pg_strcasecmp(host, "localhost") == 0 || strcmp(host, "[::1]") == 0)
+		return true;
+	if (strncmp(host, "127.", 4) == 0)
+	{
+		struct in_addr addr;
+
+		return inet_pton(AF_INET, host, &addr) == 1;
+	}
+	return false;
 }
 
 static char *
@@ -728,10 +768,18 @@ wait_batch_delay(void)
 {
 	long		ms;
 
-	if (xcapi_batch_delay <= 0 || last_claim == 0 || last_claim_full)
+	int			delay = xcapi_batch_delay;
+
+	/*
+	 * Commits for a paused pixel keep waking the worker in vain: each claim
+	 * finds nothing.  Space those claims out further.
+	 */
+	if (last_claim_blocked)
+		delay = Max(delay, BLOCKED_CLAIM_INTERVAL_MS);
+	if (delay <= 0 || last_claim == 0 || last_claim_full)
 		return;
 	ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
-										 last_claim + (TimestampTz) xcapi_batch_delay * 1000);
+										 last_claim + (TimestampTz) delay * 1000);
 	if (ms > 0)
 		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, ms,
 						 PG_WAIT_EXTENSION);
@@ -749,6 +797,7 @@ run_once(void)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz wake = now + (TimestampTz) xcapi_naptime * USECS_PER_SEC;
 	ArrayType  *paused;
+	ArrayType  *paused_until;
 	List	   *pending = NIL;
 
 	wait_batch_delay();
@@ -790,13 +839,26 @@ run_once(void)
 		credentials_changed = false;
 	}
 
-	paused = paused_pixel_array(now, &wake);
+	paused = paused_pixel_array(now, &wake, &paused_until);
+
+	/*
+	 * Rows of a paused pixel are due but cannot go; left due, every claim
+	 * would walk over them again.  Move them to the end of the pause once:
+	 * after a new pause, and when rows arrived for a paused pixel (the last
+	 * claim found nothing although some were due).
+	 */
+	if (ARR_NDIM(paused) > 0 && (pauses_changed || last_claim_blocked))
+		xcapi_outbox_defer(paused, paused_until);
+	pauses_changed = false;
+
 	nrows = xcapi_outbox_claim(limit, paused, &rows);
 	last_claim = GetCurrentTimestamp();
 	last_claim_full = (nrows == limit);
+	/* an empty array has no dimensions */
+	last_claim_blocked = (nrows == 0 && ARR_NDIM(paused) > 0);
 	if (nrows == 0)
 	{
-		TimestampTz due = xcapi_outbox_next_due(paused);
+		TimestampTz due = xcapi_outbox_next_due(paused, wake);
 
 		if (due < wake)
 			wake = due;

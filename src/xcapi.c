@@ -63,11 +63,13 @@ void		_PG_init(void);
 static void
 define_settings(void)
 {
-	DefineCustomStringVariable("xcapi.database",
-							   "Database the xcapi worker connects to.",
-							   "The extension must be created in this database.",
-							   &xcapi_database, "postgres",
-							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	/* a postmaster-level setting can only be defined while preloading */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomStringVariable("xcapi.database",
+								   "Database the xcapi worker connects to.",
+								   "The extension must be created in this database.",
+								   &xcapi_database, "postgres",
+								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("xcapi.api_url",
 							   "Base URL of X's Ads API.",
 							   NULL, &xcapi_api_url, "https://ads-api.x.com",

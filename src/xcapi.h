@@ -218,7 +218,8 @@ extern void xcapi_outbox_insert(int64 id, const char *pixel,
 extern int	xcapi_outbox_repair(void);
 extern int	xcapi_outbox_claim(int limit, ArrayType *paused_pixels,
 							   XcapiClaimed **rows);
-extern TimestampTz xcapi_outbox_next_due(ArrayType *paused_pixels);
+extern TimestampTz xcapi_outbox_next_due(ArrayType *paused_pixels,
+										  TimestampTz before);
 extern void xcapi_outbox_mark_sent(int64 *ids, int n, int http_status);
 extern void xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
 									const char *error, TimestampTz next_attempt,
@@ -227,6 +228,7 @@ extern void xcapi_outbox_mark_dead(int64 *ids, int n, int http_status,
 								   const char *error);
 extern void xcapi_outbox_release_auth_pauses(ArrayType *pixels);
 extern int	xcapi_outbox_purge(int retention_secs, int limit);
+extern void xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils);
 
 /* pacing.c */
 extern int	xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,

@@ -50,9 +50,15 @@ my @mocks;
 
 # Start t/mock_x.py in a fresh directory under tmp_check and wait until it
 # answers its health check.  Returns a XcapiTest::Mock.
+# %opts: name (directory suffix), seed; dir and port (restart a mock in place:
+# same directory, certificate and records, same port); creds (a hashref
+# shaped like %CREDS, instead of it); oauth_sets ({pixel => [consumer_key,
+# consumer_secret, access_token, access_token_secret]}: that pixel must be
+# signed with its own set); args (more mock_x.py arguments).
 sub start_mock
 {
 	my (%opts) = @_;
+	my $creds = $opts{creds} // \%CREDS;
 	# A fixed name per test file, kept after the run for post-mortems
 	# (tmp_check is emptied by the next "make installcheck").
 	my $dir = $opts{dir};
@@ -64,16 +70,21 @@ sub start_mock
 		rmtree($dir);
 	}
 	make_path($dir);
+	unlink "$dir/port";    # a restart in place: wait for the new one
 	my @cmd = (
 		$python, "$t_dir/mock_x.py",
 		'--dir'             => $dir,
-		'--consumer-key'    => $CREDS{consumer_key},
-		'--consumer-secret' => $CREDS{consumer_secret},
-		'--token'           => $CREDS{access_token},
-		'--token-secret'    => $CREDS{access_token_secret},
+		'--consumer-key'    => $creds->{consumer_key},
+		'--consumer-secret' => $creds->{consumer_secret},
+		'--token'           => $creds->{access_token},
+		'--token-secret'    => $creds->{access_token_secret},
 		'--seed'            => $opts{seed} // 1);
-	push @cmd, '--pixel-token', "$_=$CREDS{pixel_tokens}{$_}"
-	  for sort keys %{ $CREDS{pixel_tokens} };
+	push @cmd, '--pixel-token', "$_=$creds->{pixel_tokens}{$_}"
+	  for sort keys %{ $creds->{pixel_tokens} || {} };
+	push @cmd, '--oauth-set', join(':', $_, @{ $opts{oauth_sets}{$_} })
+	  for sort keys %{ $opts{oauth_sets} || {} };
+	push @cmd, '--port', $opts{port} if $opts{port};
+	push @cmd, @{ $opts{args} } if $opts{args};
 	my $log = "$dir/mock.log";
 	my $h = IPC::Run::start(\@cmd, '<', \undef, '>>', $log, '2>>', $log);
 	my $mock = bless { dir => $dir, harness => $h, log => $log }, 'XcapiTest::Mock';
@@ -348,4 +359,87 @@ sub stop
 	}
 }
 
+# Cheap readers for big runs (JSON::PP decodes a few thousand lines a
+# second).  Only complete lines count: the mock may be writing right now.
+# A quick_mark is interchangeable with a mark.
+
+sub _complete_lines
+{
+	my ($path, $skip) = @_;
+	return () unless -e $path;
+	open my $fh, '<', $path or die "could not read $path: $!";
+	my @lines;
+	my $n = 0;
+	while (my $line = <$fh>)
+	{
+		last unless $line =~ /\n\z/;
+		push @lines, $line if $n++ >= ($skip // 0);
+	}
+	close $fh;
+	return @lines;
+}
+
+sub _count_complete_lines
+{
+	my ($path) = @_;
+	return 0 unless -e $path;
+	open my $fh, '<', $path or die "could not read $path: $!";
+	my $n = 0;
+	while (my $line = <$fh>)
+	{
+		last unless $line =~ /\n\z/;
+		$n++;
+	}
+	close $fh;
+	return $n;
+}
+
+# Like mark, without decoding anything.
+sub quick_mark
+{
+	my ($self) = @_;
+	return {
+		requests => _count_complete_lines("$self->{dir}/requests.jsonl"),
+		accepted => _count_complete_lines("$self->{dir}/accepted.jsonl") };
+}
+
+# How many conversions were accepted (after $since, a mark).
+sub accepted_count
+{
+	my ($self, $since) = @_;
+	return _count_complete_lines("$self->{dir}/accepted.jsonl")
+	  - (($since // {})->{accepted} // 0);
+}
+
+# { conversion_id => times accepted } after $since, optionally of one pixel
+# only; read with a regex, not decoded.
+sub accepted_ids
+{
+	my ($self, $since, $pixel) = @_;
+	my %ids;
+	for (_complete_lines("$self->{dir}/accepted.jsonl",
+			($since // {})->{accepted}))
+	{
+		next if defined $pixel && !/"pixel":"\Q$pixel\E"/;
+		$ids{$1}++ if /"conversion_id":"((?:[^"\\]|\\.)*)"/;
+	}
+	return \%ids;
+}
+
+# Requests after $since (decoded), without decoding the ones before it;
+# optionally of one pixel only.
+sub requests_since
+{
+	my ($self, $since, $pixel) = @_;
+	my @r;
+	for (_complete_lines("$self->{dir}/requests.jsonl",
+			($since // {})->{requests}))
+	{
+		next if defined $pixel && !/"pixel":"\Q$pixel\E"/;
+		push @r, $json->decode($_);
+	}
+	return @r;
+}
+
 1;
+
