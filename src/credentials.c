@@ -217,10 +217,11 @@ parse_line(const char *path, int lineno, char *line)
 	if (f == CRED_NFIELDS)
 	{
 		explicit_bzero(value.data, value.maxlen);
+		/* not echoed: with name and value swapped it would be the secret */
 		ereport(WARNING,
 				(errcode(ERRCODE_CONFIG_FILE_ERROR),
-				 errmsg("unrecognized name \"%s\" in credentials file \"%s\", line %d",
-						field, path, lineno),
+				 errmsg("unrecognized name in credentials file \"%s\", line %d",
+						path, lineno),
 				 errhint("Valid names are consumer_key, consumer_secret, access_token, access_token_secret and pixel_token, optionally prefixed with \"<pixel_id>.\".")));
 		return false;
 	}

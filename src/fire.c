@@ -350,7 +350,7 @@ fire(FireInput *in)
 						conv.conversion_time, payload);
 	pfree(payload);
 
-	xcapi_note_fired();
+	xcapi_note_fired(in->pixel);
 	return id;
 }
 

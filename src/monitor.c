@@ -36,6 +36,8 @@ xcapi_pause_reason(int kind)
 			return "no usable credentials";
 		case XCAPI_PAUSE_PACING:
 			return "rate budget spent";
+		case XCAPI_PAUSE_UNSAFE_URL:
+			return "xcapi.api_url is plain HTTP to a non-loopback host";
 		case 401:
 		case 403:
 			return "credentials rejected";

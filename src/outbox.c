@@ -430,8 +430,12 @@ xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
 }
 
 /*
- * Start-up repair: rows left 'sending' by a worker that died are queued
- * again, due at once.  Their attempt was counted when they were claimed.
+ * Start-up repair.  Rows left 'sending' (by a 0.1.0 worker) are queued
+ * again.  Rows held back by a previous worker (a paused pixel, missing or
+ * rejected credentials, a rate limit: recognisable by having no HTTP
+ * status or 401, 403 or 429) are due at once: this worker knows nothing of
+ * those pauses, and it may be running after a promotion or a restart with
+ * new credentials.  Rows waiting out a backoff after a 5xx keep their time.
  */
 int
 xcapi_outbox_repair(void)
@@ -448,6 +452,16 @@ xcapi_outbox_repair(void)
 	if (rc != SPI_OK_UPDATE)
 		elog(ERROR, "could not repair outbox: %s", SPI_result_code_string(rc));
 	n = (int) SPI_processed;
+
+	sql = psprintf("UPDATE %s.xcapi_conversions SET next_attempt_at = now()"
+				   " WHERE next_attempt_at > now() AND status = 'queued'"
+				   " AND (last_http_status IS NULL"
+				   " OR last_http_status IN (401, 403, 429))",
+				   schema_name);
+	rc = SPI_execute(sql, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "could not release held conversions: %s",
+			 SPI_result_code_string(rc));
 	SPI_finish();
 	return n;
 }
@@ -476,7 +490,8 @@ xcapi_outbox_claim(int limit, ArrayType *paused_pixels, XcapiClaimed **rows)
 					2, types);
 	values[0] = Int32GetDatum(limit);
 	values[1] = PointerGetDatum(paused_pixels);
-	if (SPI_execute_plan(plan, values, NULL, true, 0) != SPI_OK_SELECT)
+	/* not read-only: it must see this transaction's own updates */
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read due conversions");
 
 	n = (int) SPI_processed;
@@ -522,7 +537,7 @@ xcapi_outbox_next_due(ArrayType *paused_pixels, TimestampTz before)
 					" AND pixel_id <> ALL ($1)"
 					" ORDER BY next_attempt_at LIMIT 1",
 					2, types);
-	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
+	if (SPI_execute_plan(plan, values, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the outbox");
 	if (SPI_processed > 0)
 	{
@@ -642,22 +657,33 @@ xcapi_outbox_release_auth_pauses(ArrayType *pixels)
 
 /*
  * Make the due rows of paused pixels due at the end of their pause
- * instead (attempts untouched), so that claims stop walking over them.
+ * instead (attempts untouched), saying why in last_error, so that claims
+ * stop walking over them.
+ * At most DEFER_BATCH rows per call, taken in the due index's order like
+ * a claim (other shapes got a sequential or bitmap scan in the generic
+ * plan); a larger backlog is moved over the next calls.
  */
+#define DEFER_BATCH 10000
+
 void
-xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils)
+xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils, ArrayType *reasons)
 {
-	Oid			types[2] = {TEXTARRAYOID, TIMESTAMPTZARRAYOID};
-	Datum		values[2] = {PointerGetDatum(pixels), PointerGetDatum(untils)};
+	Oid			types[4] = {TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4OID,
+	TEXTARRAYOID};
+	Datum		values[4] = {PointerGetDatum(pixels), PointerGetDatum(untils),
+		Int32GetDatum(DEFER_BATCH), PointerGetDatum(reasons)};
 
 	SPI_connect();
 	run_plan(get_plan(PLAN_DEFER,
-					  "UPDATE %s.xcapi_conversions c"
-					  " SET next_attempt_at = p.until"
-					  " FROM unnest($1, $2) AS p (pixel, until)"
-					  " WHERE c.next_attempt_at < p.until AND c.status = 'queued'"
-					  " AND c.pixel_id = p.pixel",
-					  2, types),
+					  "UPDATE %s.xcapi_conversions c SET next_attempt_at = u.until,"
+					  " last_error = 'held back while the pixel is paused: ' || u.reason"
+					  " FROM (SELECT id, pixel_id FROM %s.xcapi_conversions"
+					  " WHERE next_attempt_at <= now() AND status = 'queued'"
+					  " AND pixel_id = ANY ($1)"
+					  " ORDER BY next_attempt_at, id LIMIT $3) d,"
+					  " unnest($1, $2, $4) AS u (pixel, until, reason)"
+					  " WHERE c.id = d.id AND u.pixel = d.pixel_id",
+					  4, types),
 			 values, NULL, SPI_OK_UPDATE);
 	SPI_finish();
 }

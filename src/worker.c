@@ -33,8 +33,6 @@
  */
 #include "xcapi.h"
 
-#include <arpa/inet.h>
-
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/pg_type.h"
@@ -112,7 +110,10 @@ static bool credentials_changed = false;
 static TimestampTz last_claim = 0;
 static bool last_claim_full = false;
 static bool last_claim_blocked = false;
-static bool pauses_changed = false;	/* a pixel was paused since the last claim */	/* empty while pixels were paused */
+static bool pauses_changed = false;	/* a pixel was paused since the last claim */
+static TimestampTz last_defer = 0;
+
+#define DEFER_INTERVAL_MS 100	/* empty while pixels were paused */
 
 /* Least time between claims that find nothing while some pixel is paused. */
 #define BLOCKED_CLAIM_INTERVAL_MS 20
@@ -231,29 +232,36 @@ resume_pixel(const char *pixel)
  */
 static ArrayType *
 paused_pixel_array(TimestampTz now, TimestampTz *earliest_resume,
-				   ArrayType **untils)
+				   ArrayType **untils, ArrayType **reasons)
 {
 	HASH_SEQ_STATUS seq;
 	PixelState *st;
 	Datum	   *items;
 	Datum	   *ends;
+	Datum	   *whys;
 	int			n = 0;
+	long		size = hash_get_num_entries(pixel_states) + 1;
 
-	items = palloc(sizeof(Datum) * (hash_get_num_entries(pixel_states) + 1));
-	ends = palloc(sizeof(Datum) * (hash_get_num_entries(pixel_states) + 1));
+	items = palloc(sizeof(Datum) * size);
+	ends = palloc(sizeof(Datum) * size);
+	whys = palloc(sizeof(Datum) * size);
 	hash_seq_init(&seq, pixel_states);
 	while ((st = hash_seq_search(&seq)) != NULL)
 	{
+		const char *why = xcapi_pause_reason(st->pause_status);
+
 		if (st->paused_until > now)
 		{
 			items[n] = CStringGetTextDatum(st->pixel);
-			ends[n++] = TimestampTzGetDatum(st->paused_until);
+			ends[n] = TimestampTzGetDatum(st->paused_until);
+			whys[n++] = CStringGetTextDatum(why ? why : "paused");
 			if (st->paused_until < *earliest_resume)
 				*earliest_resume = st->paused_until;
 		}
 	}
 	*untils = construct_array(ends, n, TIMESTAMPTZOID, sizeof(TimestampTz),
 							  true, TYPALIGN_DOUBLE);
+	*reasons = construct_array(whys, n, TEXTOID, -1, false, TYPALIGN_INT);
 	return construct_array(items, n, TEXTOID, -1, false, TYPALIGN_INT);
 }
 
@@ -280,40 +288,6 @@ compare_claimed(const void *a, const void *b)
 	if (r != 0)
 		return r;
 	return ra->id < rb->id ? -1 : ra->id > rb->id ? 1 : 0;
-}
-
-/*
- * True if url names a loopback host exactly: localhost, 127.0.0.0/8 or
- * [::1].  Only there may credentials travel over plain HTTP (tests).
- */
-static bool
-is_loopback_host(const char *url)
-{
-	const char *start = strstr(url, "://");
-	size_t		len;
-	char		host[256];
-
-	if (start == NULL)
-		return false;
-	start += 3;
-	if (*start == '[')
-		len = strcspn(start, "]") + 1;
-	else
-		len = strcspn(start, ":/?#");
-	if (len == 0 || len >= sizeof(host))
-		return false;
-	memcpy(host, start, len);
-	host[len] = '\0';
-
-	if (pg_strcasecmp(host, "localhost") == 0 || strcmp(host, "[::1]") == 0)
-		return true;
-	if (strncmp(host, "127.", 4) == 0)
-	{
-		struct in_addr addr;
-
-		return inet_pton(AF_INET, host, &addr) == 1;
-	}
-	return false;
 }
 
 static char *
@@ -413,13 +387,12 @@ prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
 				   until, false);
 		return NULL;
 	}
-	if (strncmp(xcapi_api_url, "https://", 8) != 0 &&
-		!is_loopback_host(xcapi_api_url))
+	if (!xcapi_http_url_is_safe(xcapi_api_url))
 	{
 		const char *why = "refusing to send credentials over plain HTTP to a non-loopback host; set xcapi.api_url to an https:// URL";
 
 		until = now + (TimestampTz) AUTH_PAUSE_SECS * USECS_PER_SEC;
-		pause_pixel(pixel, until, XCAPI_PAUSE_NO_CREDENTIALS, why);
+		pause_pixel(pixel, until, XCAPI_PAUSE_UNSAFE_URL, why);
 		add_result(results, b, OUT_RETRY, 0,
 				   "no usable credentials: xcapi.api_url is plain HTTP to a non-loopback host",
 				   until, false);
@@ -702,6 +675,7 @@ publish_pixel_states(void)
 	HASH_SEQ_STATUS seq;
 	PixelState *st;
 	int			n = 0;
+	TimestampTz now = GetCurrentTimestamp();
 
 	SpinLockAcquire(&xcapi_shared->mutex);
 	hash_seq_init(&seq, pixel_states);
@@ -725,6 +699,22 @@ publish_pixel_states(void)
 		out->last_http_status = st->last_http_status;
 	}
 	xcapi_shared->npixels = n;
+
+	/* the pixels paused now, so commits for them alone do not wake us */
+	n = 0;
+	hash_seq_init(&seq, pixel_states);
+	while ((st = hash_seq_search(&seq)) != NULL)
+	{
+		if (st->paused_until <= now)
+			continue;
+		if (n == XCAPI_MAX_SHARED_PIXELS)
+		{
+			hash_seq_term(&seq);
+			break;
+		}
+		xcapi_shared->paused_hash[n++] = xcapi_pixel_hash(st->pixel);
+	}
+	xcapi_shared->npaused = n;
 	SpinLockRelease(&xcapi_shared->mutex);
 }
 
@@ -798,6 +788,7 @@ run_once(void)
 	TimestampTz wake = now + (TimestampTz) xcapi_naptime * USECS_PER_SEC;
 	ArrayType  *paused;
 	ArrayType  *paused_until;
+	ArrayType  *paused_why;
 	List	   *pending = NIL;
 
 	wait_batch_delay();
@@ -839,16 +830,21 @@ run_once(void)
 		credentials_changed = false;
 	}
 
-	paused = paused_pixel_array(now, &wake, &paused_until);
+	paused = paused_pixel_array(now, &wake, &paused_until, &paused_why);
 
 	/*
 	 * Rows of a paused pixel are due but cannot go; left due, every claim
-	 * would walk over them again.  Move them to the end of the pause once:
-	 * after a new pause, and when rows arrived for a paused pixel (the last
-	 * claim found nothing although some were due).
+	 * would walk over them again.  Move them to the end of the pause: after
+	 * a new pause, when the last claim found nothing although some were
+	 * due, and every DEFER_INTERVAL_MS for rows that arrived meanwhile.
 	 */
-	if (ARR_NDIM(paused) > 0 && (pauses_changed || last_claim_blocked))
-		xcapi_outbox_defer(paused, paused_until);
+	if (ARR_NDIM(paused) > 0 &&
+		(pauses_changed || last_claim_blocked ||
+		 now - last_defer >= (TimestampTz) DEFER_INTERVAL_MS * 1000))
+	{
+		xcapi_outbox_defer(paused, paused_until, paused_why);
+		last_defer = now;
+	}
 	pauses_changed = false;
 
 	nrows = xcapi_outbox_claim(limit, paused, &rows);
@@ -918,6 +914,7 @@ reload_configuration(void)
 		while ((st = hash_seq_search(&seq)) != NULL)
 		{
 			if (st->pause_status == XCAPI_PAUSE_NO_CREDENTIALS ||
+				st->pause_status == XCAPI_PAUSE_UNSAFE_URL ||
 				st->pause_status == 401 || st->pause_status == 403)
 			{
 				MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -931,6 +928,8 @@ reload_configuration(void)
 		}
 	}
 	credentials_changed = true;
+	/* commits for the released pixels must wake the worker again */
+	publish_pixel_states();
 }
 
 void
@@ -952,6 +951,14 @@ xcapi_worker_main(Datum main_arg)
 	 * The conversions themselves are committed by their callers as usual.
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
+	/*
+	 * The worker's statements walk the due index in order and stop early.
+	 * A bitmap scan would revisit every dead index entry left by earlier
+	 * updates each time (only plain index scans mark them dead), which made
+	 * a paused pixel's backlog cost a core (measured under pgbench).
+	 */
+	SetConfigOption("enable_bitmapscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	advertise_worker();
 
 	loop_context = AllocSetContextCreate(TopMemoryContext, "xcapi worker loop",

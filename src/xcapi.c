@@ -19,6 +19,7 @@
 #include "xcapi.h"
 
 #include "access/xact.h"
+#include "common/hashfn.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
@@ -56,6 +57,16 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 /* Per-transaction state of this backend. */
 static bool wake_at_commit = false;
 static bool fired_this_xact = false;
+
+/*
+ * Pixels this transaction queued for (hashes), to skip waking the worker
+ * for a commit that only concerns paused pixels.  Past MAX_FIRED_PIXELS
+ * distinct pixels the commit just wakes it.
+ */
+#define MAX_FIRED_PIXELS 8
+static uint32 fired_pixels[MAX_FIRED_PIXELS];
+static int	nfired_pixels = 0;
+static bool fired_pixels_overflow = false;
 static bool warned_this_xact = false;
 
 void		_PG_init(void);
@@ -195,6 +206,33 @@ register_worker(void)
 }
 
 /*
+ * True if every conversion this transaction queued is for a pixel the
+ * worker holds back right now: waking it would only make it find nothing
+ * to send (it wakes by itself when the pause ends).  Under a flood of
+ * commits for a pixel whose credentials are missing, this keeps the worker
+ * asleep instead of busy.
+ */
+static bool
+only_paused_pixels_fired(void)
+{
+	bool		all_paused = true;
+
+	if (xcapi_shared == NULL || fired_pixels_overflow || nfired_pixels == 0)
+		return false;
+	SpinLockAcquire(&xcapi_shared->mutex);
+	for (int i = 0; i < nfired_pixels && all_paused; i++)
+	{
+		bool		found = false;
+
+		for (int j = 0; j < xcapi_shared->npaused && !found; j++)
+			found = (xcapi_shared->paused_hash[j] == fired_pixels[i]);
+		all_paused = found;
+	}
+	SpinLockRelease(&xcapi_shared->mutex);
+	return all_paused;
+}
+
+/*
  * At commit, wake the worker if this transaction queued something; at the
  * end of any transaction, forget the per-transaction state.
  */
@@ -205,7 +243,7 @@ xcapi_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (wake_at_commit)
+			if (wake_at_commit && !only_paused_pixels_fired())
 				xcapi_wake_worker();
 			/* FALLTHROUGH */
 		case XACT_EVENT_ABORT:
@@ -213,6 +251,8 @@ xcapi_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PREPARE:
 			wake_at_commit = false;
 			fired_this_xact = false;
+			nfired_pixels = 0;
+			fired_pixels_overflow = false;
 			warned_this_xact = false;
 			break;
 		default:
@@ -265,11 +305,30 @@ xcapi_wake_worker_at_commit(void)
  * Called for each queued conversion.  Without the preloaded worker nothing
  * would ever be sent: say so, once per transaction.
  */
-void
-xcapi_note_fired(void)
+uint32
+xcapi_pixel_hash(const char *pixel)
 {
+	return DatumGetUInt32(hash_any((const unsigned char *) pixel,
+								   strlen(pixel)));
+}
+
+void
+xcapi_note_fired(const char *pixel)
+{
+	uint32		h = xcapi_pixel_hash(pixel);
+	bool		known = false;
+
 	fired_this_xact = true;
 	wake_at_commit = true;
+	for (int i = 0; i < nfired_pixels && !known; i++)
+		known = (fired_pixels[i] == h);
+	if (!known)
+	{
+		if (nfired_pixels < MAX_FIRED_PIXELS)
+			fired_pixels[nfired_pixels++] = h;
+		else
+			fired_pixels_overflow = true;
+	}
 	if (!xcapi_preloaded && !warned_this_xact)
 	{
 		warned_this_xact = true;

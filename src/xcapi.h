@@ -58,6 +58,7 @@ extern int	xcapi_retention;
 #define XCAPI_PAUSE_NONE (-1)
 #define XCAPI_PAUSE_NO_CREDENTIALS 0
 #define XCAPI_PAUSE_PACING 1
+#define XCAPI_PAUSE_UNSAFE_URL 2
 /* 401, 403 and 429 stand for themselves */
 
 /* How many pixels the worker publishes its state for. */
@@ -90,6 +91,9 @@ typedef struct XcapiShared
 	int			last_http_status;
 	int			npixels;
 	XcapiPixelShared pixels[XCAPI_MAX_SHARED_PIXELS];
+	/* hashes of the pixels paused now: commits for them need not wake */
+	int			npaused;
+	uint32		paused_hash[XCAPI_MAX_SHARED_PIXELS];
 } XcapiShared;
 
 extern XcapiShared *xcapi_shared;
@@ -98,7 +102,8 @@ extern bool xcapi_preloaded;
 /* xcapi.c */
 extern void xcapi_wake_worker(void);
 extern void xcapi_wake_worker_at_commit(void);
-extern void xcapi_note_fired(void);
+extern void xcapi_note_fired(const char *pixel);
+extern uint32 xcapi_pixel_hash(const char *pixel);
 extern bool xcapi_fired_in_this_transaction(void);
 
 /* identifiers.c */
@@ -196,6 +201,7 @@ typedef struct XcapiHttpRequest
 extern void xcapi_http_init(void);
 extern void xcapi_http_reset_connections(void);
 extern void xcapi_http_perform(XcapiHttpRequest **requests, int n);
+extern bool xcapi_http_url_is_safe(const char *url);
 
 /* outbox.c */
 typedef struct XcapiClaimed
@@ -228,7 +234,8 @@ extern void xcapi_outbox_mark_dead(int64 *ids, int n, int http_status,
 								   const char *error);
 extern void xcapi_outbox_release_auth_pauses(ArrayType *pixels);
 extern int	xcapi_outbox_purge(int retention_secs, int limit);
-extern void xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils);
+extern void xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils,
+							   ArrayType *reasons);
 
 /* pacing.c */
 extern int	xcapi_pacing_allow(const char *pixel, int want, TimestampTz now,

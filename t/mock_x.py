@@ -16,6 +16,14 @@ Everything it sees is recorded for the tests to read:
   DIR/port            the TCP port (written atomically once listening)
   DIR/requests.jsonl  one JSON line per request (see Mock.record_request)
   DIR/accepted.jsonl  one JSON line per accepted conversion
+Credentials: --consumer-key/--consumer-secret/--token/--token-secret are the
+OAuth 1.0a set every pixel is checked against, unless a
+--oauth-set PIXEL:CONSUMER_KEY:CONSUMER_SECRET:TOKEN:TOKEN_SECRET (repeatable)
+names that pixel: its requests must then be signed with that set (and the
+default set is refused for it).  --pixel-token PIXEL=TOKEN (repeatable) and
+--default-pixel-token accept X-Pixel-Token.  An accepted OAuth request
+records "oauth_set": the pixel whose set verified it, or "default".
+
 Faults are injected by writing DIR/faults.json (re-read when it changes; write
 it atomically: temp file + rename).  Keys, all optional:
   "force_status": 503             answer every request with that status
@@ -381,6 +389,14 @@ class Mock:
                 raise SystemExit("--pixel-token wants PIXEL=TOKEN, got %r" % spec)
             self.pixel_tokens[pixel] = tok
         self.default_pixel_token = args.default_pixel_token
+        self.oauth_sets = {}
+        for spec in args.oauth_set or []:
+            parts = spec.split(":", 4)
+            if len(parts) != 5 or not all(parts):
+                raise SystemExit("--oauth-set wants PIXEL:CONSUMER_KEY:"
+                                 "CONSUMER_SECRET:TOKEN:TOKEN_SECRET, got %r"
+                                 % spec.split(":", 1)[0])
+            self.oauth_sets[parts[0]] = tuple(parts[1:])
         self.port = None
         self.rng = random.Random(args.seed)
         self.lock = threading.Lock()
@@ -457,7 +473,7 @@ class Mock:
         if expected is None or token != expected:
             raise unauthorized()
 
-    def check_oauth(self, method, uri, header, body, info):
+    def check_oauth(self, method, uri, header, body, info, pixel=None):
         """Verify an OAuth 1.0a HMAC-SHA1 Authorization header with oauthlib
         (x-conversions-api.md 6.10): the JSON body is not in the base string;
         an oauth_body_hash, if sent, must be base64(sha1(body))."""
@@ -488,8 +504,17 @@ class Mock:
         if params["oauth_version"] != "1.0":
             info["auth_error"] = "oauth_version is not 1.0"
             raise unauthorized()
-        if params["oauth_consumer_key"] != self.consumer_key \
-                or params["oauth_token"] != self.token:
+        if pixel in self.oauth_sets:
+            consumer_key, consumer_secret, token, token_secret = \
+                self.oauth_sets[pixel]
+            info["oauth_set"] = pixel
+        else:
+            consumer_key, consumer_secret, token, token_secret = \
+                self.consumer_key, self.consumer_secret, self.token, \
+                self.token_secret
+            info["oauth_set"] = "default"
+        if params["oauth_consumer_key"] != consumer_key \
+                or params["oauth_token"] != token:
             info["auth_error"] = "unknown consumer key or token"
             raise unauthorized()
         ts = params["oauth_timestamp"]
@@ -514,8 +539,8 @@ class Mock:
             uri_query=uri.partition("?")[2], headers=headers,
             exclude_oauth_signature=True)
         req.signature = params["oauth_signature"]
-        if not oauth_signature.verify_hmac_sha1(req, self.consumer_secret,
-                                                self.token_secret):
+        if not oauth_signature.verify_hmac_sha1(req, consumer_secret,
+                                                token_secret):
             info["auth_error"] = "signature mismatch"
             raise unauthorized()
 
@@ -685,7 +710,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if host.endswith(":443"):
                 host = host[:-4]
             uri = "https://%s%s" % (host, self.path)
-            mock.check_oauth("POST", uri, authz, body, info)
+            mock.check_oauth("POST", uri, authz, body, info, pixel)
+            rec["oauth_set"] = info.get("oauth_set")
         else:
             raise unauthorized()
 
@@ -855,6 +881,8 @@ def main(argv=None):
     ap.add_argument("--token-secret")
     ap.add_argument("--pixel-token", action="append", metavar="PIXEL=TOKEN")
     ap.add_argument("--default-pixel-token")
+    ap.add_argument("--oauth-set", action="append",
+                    metavar="PIXEL:CONSUMER_KEY:CONSUMER_SECRET:TOKEN:TOKEN_SECRET")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
 

@@ -33,6 +33,9 @@ CS = "kAcSOqF21Fu85e7zjz7ZN2U4ZRhfV3WpwPAoE3Z7kBw"
 TOK = "370773112-GmHxMAgYyLbNEtIKZeRNFsMKPR9EyMZeS9weJAEb"
 TS = "LswwdoUaIvS8ltyTt5jkRh4J50vUPVVHtR2YPi5kE"
 PIXEL = "o8z6j"
+# --oauth-set: one pixel that must be signed with its own set
+OV_PIXEL, OV_CK, OV_CS, OV_TOK, OV_TS = ("1a2b3", "ovKey1", "ovConsumerSecret1",
+                                         "1-ovToken1", "ovTokenSecret1")
 EMAIL_HASH = hashlib.sha256(b"test-email@test.com").hexdigest()
 
 failures = 0
@@ -107,7 +110,8 @@ def main():
     proc = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "mock_x.py"), "--dir", tmp,
          "--consumer-key", CK, "--consumer-secret", CS, "--token", TOK,
-         "--token-secret", TS, "--pixel-token", "pxtok1=tok-123"],
+         "--token-secret", TS, "--pixel-token", "pxtok1=tok-123",
+         "--oauth-set", "%s:%s:%s:%s:%s" % (OV_PIXEL, OV_CK, OV_CS, OV_TOK, OV_TS)],
         stderr=None if verbose else subprocess.DEVNULL)
     try:
         return run(tmp, proc)
@@ -349,6 +353,39 @@ def run(tmp, proc):
     ok(st == 200, "100 keep-alive requests in %.0f ms" % ((time.time() - t0) * 1000))
     st, body = c.get("/_mock/stats")
     ok(st == 200 and json.loads(body)["accepted"] == len(want) + 100, "stats", body)
+
+    # --oauth-set: the pixel's own set is required, the default refused.
+    ov_path = "/12/measurement/conversions/%s" % OV_PIXEL
+    ov_body = {"conversions": [conversion("ov-1", event_id="tw-%s-o8z2x" % OV_PIXEL)]}
+    h = sign(port, ov_path)
+    st, doc, _ = c.post(ov_path, ov_body, h)
+    ok(st == 401, "--oauth-set pixel: the default set is refused", (st, doc))
+    h = sign(port, ov_path, key=OV_CK, secret=OV_CS, token=OV_TOK,
+             token_secret=OV_TS)
+    st, doc, _ = c.post(ov_path, ov_body, h)
+    ok(st == 200, "--oauth-set pixel: its own set is accepted", (st, doc))
+    h = sign(port, ov_path, key=OV_CK, secret="wrong", token=OV_TOK,
+             token_secret=OV_TS)
+    st, doc, _ = c.post(ov_path, ov_body, h)
+    ok(st == 401, "--oauth-set pixel: a wrong consumer secret is refused", (st, doc))
+    h = sign(port, path, key=OV_CK, secret=OV_CS, token=OV_TOK,
+             token_secret=OV_TS)
+    st, doc, _ = signed_post({"conversions": [conversion("ov-2")]})
+    ok(st == 200, "other pixels still use the default set", (st, doc))
+    st, doc, _ = c.post(path, {"conversions": [conversion("ov-3")]}, h)
+    ok(st == 401, "other pixels refuse the override set", (st, doc))
+    # A request is recorded just after its answer is sent: wait for ov-3's.
+    deadline = time.time() + 5
+    while True:
+        reqs = [json.loads(l) for l in open(os.path.join(tmp, "requests.jsonl"))]
+        sets = {(r["pixel"], r["status"], r.get("oauth_set"))
+                for r in reqs if r["conversion_ids"][:1] in (["ov-1"], ["ov-2"], ["ov-3"])}
+        if any(r["conversion_ids"] == ["ov-3"] for r in reqs) or time.time() > deadline:
+            break
+        time.sleep(0.02)
+    ok((OV_PIXEL, 200, OV_PIXEL) in sets and (PIXEL, 200, "default") in sets
+       and not any(st == 200 and os_ not in (OV_PIXEL, "default") for _, st, os_ in sets),
+       "oauth_set recorded", sets)
 
 
 if __name__ == "__main__":
