@@ -34,6 +34,7 @@
 #include "access/xact.h"
 #include "access/heapam.h"
 #include "access/genam.h"
+#include "catalog/index.h"
 #include "catalog/indexing.h"
 #include "catalog/pg_index.h"
 #include "utils/rel.h"
@@ -116,6 +117,13 @@ static const char *const outbox_columns[] = {
 
 static AttrNumber outbox_attnums[NUM_OUTBOX_COLUMNS];
 
+/* The outbox's indexes, looked up with the table (see can_insert_directly). */
+static MemoryContext index_cache_context = NULL;
+static int	n_outbox_indexes = 0;
+static Oid	outbox_index_oids[INDEX_MAX_KEYS];
+static IndexInfo *outbox_index_infos[INDEX_MAX_KEYS];
+static bool outbox_index_unique[INDEX_MAX_KEYS];
+
 /*
  * Whether xcapi_fire may form the row itself and insert it into the heap
  * and the indexes, skipping the executor: about five times cheaper per
@@ -147,15 +155,38 @@ can_insert_directly(Oid table)
 			live++;
 	ok = ok && live == (int) NUM_OUTBOX_COLUMNS;
 
+	if (index_cache_context == NULL)
+		index_cache_context = AllocSetContextCreate(TopMemoryContext,
+													"xcapi outbox indexes",
+													ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(index_cache_context);
+	n_outbox_indexes = 0;
+
 	indexes = ok ? RelationGetIndexList(rel) : NIL;
+	if (list_length(indexes) > INDEX_MAX_KEYS)
+		ok = false;
 	foreach(lc, indexes)
 	{
-		Relation	idx = index_open(lfirst_oid(lc), AccessShareLock);
+		Relation	idx;
+		MemoryContext old;
 
+		if (!ok)
+			break;
+		idx = index_open(lfirst_oid(lc), AccessShareLock);
 		if (!heap_attisnull(idx->rd_indextuple, Anum_pg_index_indexprs, NULL) ||
 			!heap_attisnull(idx->rd_indextuple, Anum_pg_index_indpred, NULL) ||
 			idx->rd_index->indisexclusion || !idx->rd_index->indimmediate)
 			ok = false;
+		else
+		{
+			/* kept, so a row's insert need not build it again */
+			old = MemoryContextSwitchTo(index_cache_context);
+			outbox_index_infos[n_outbox_indexes] = BuildIndexInfo(idx);
+			MemoryContextSwitchTo(old);
+			outbox_index_oids[n_outbox_indexes] = RelationGetRelid(idx);
+			outbox_index_unique[n_outbox_indexes] = idx->rd_index->indisunique;
+			n_outbox_indexes++;
+		}
 		index_close(idx, AccessShareLock);
 	}
 	table_close(rel, AccessShareLock);
@@ -179,7 +210,6 @@ insert_directly(int64 id, const char *pixel, const char *event_id,
 	Datum		given[NUM_OUTBOX_COLUMNS];
 	bool		given_null[NUM_OUTBOX_COLUMNS] = {0};
 	HeapTuple	tup;
-	CatalogIndexState indstate;
 
 	given[0] = Int64GetDatum(id);
 	given[1] = CStringGetTextDatum(pixel);
@@ -203,10 +233,10 @@ insert_directly(int64 id, const char *pixel, const char *event_id,
 	tup = heap_form_tuple(desc, values, nulls);
 	simple_heap_insert(rel, tup);
 
-	indstate = CatalogOpenIndexes(rel);
-	for (int i = 0; i < indstate->ri_NumIndices; i++)
+	for (int i = 0; i < n_outbox_indexes; i++)
 	{
-		IndexInfo  *info = indstate->ri_IndexRelationInfo[i];
+		IndexInfo  *info = outbox_index_infos[i];
+		Relation	idx = index_open(outbox_index_oids[i], RowExclusiveLock);
 		Datum		ivalues[INDEX_MAX_KEYS];
 		bool		inulls[INDEX_MAX_KEYS];
 
@@ -217,15 +247,14 @@ insert_directly(int64 id, const char *pixel, const char *event_id,
 			ivalues[k] = values[attnum - 1];
 			inulls[k] = nulls[attnum - 1];
 		}
-		index_insert(indstate->ri_IndexRelationDescs[i], ivalues, inulls,
-					 &tup->t_self, rel,
-					 indstate->ri_IndexRelationDescs[i]->rd_index->indisunique ?
-					 UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+		index_insert(idx, ivalues, inulls, &tup->t_self, rel,
+					 outbox_index_unique[i] ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
 					 false, info);
+		/* the lock is kept to the end of the transaction, as the executor does */
+		index_close(idx, NoLock);
 	}
-	CatalogCloseIndexes(indstate);
 	heap_freetuple(tup);
-	table_close(rel, RowExclusiveLock);
+	table_close(rel, NoLock);
 }
 
 /*
