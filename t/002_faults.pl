@@ -376,6 +376,30 @@ reload_with("xcapi.batch_size = 500\nxcapi.request_timeout = 10000\n");
 }
 
 ######################################################################
+# (h) 404: the pixel, event or account is wrong for the whole batch: dead at
+#     once with X's message, no split, no retry; xcapi_retry by id re-queues.
+
+{
+	my $pixel = 'nf404';
+	$mock->set_faults({ force_status => 404 });
+	my $mark = $mock->quick_mark;
+	fire($pixel, 'h-', 10);
+	ok(wait_until(sub { pending($pixel) eq '0' }, 30, '(h) rows settled'),
+		'(h) nothing left queued after a 404');
+	is(statuses($pixel), 'dead=10', '(h) all 10 rows dead');
+	is(sql("SELECT count(*) FROM xcapi_conversions WHERE pixel_id = '$pixel' AND last_http_status = 404 AND attempts = 1 AND last_error = 'HTTP 404: NOT_FOUND: The requested resource could not be found'"),
+		'10', '(h) each keeps status 404, X\'s code and message, one attempt');
+	my @req = $mock->requests_since($mark, $pixel);
+	is(scalar(@req), 1, '(h) one request: a 404 is not split or retried');
+	$mock->set_faults(undef);
+
+	my $ids = sql("SELECT array_agg(id ORDER BY id) FROM (SELECT id FROM xcapi_conversions WHERE pixel_id = '$pixel' ORDER BY id LIMIT 3) s");
+	is(sql("SELECT xcapi_retry(ids => '$ids')"), '3', '(h) xcapi_retry(ids => ...) re-queues three of them');
+	ok(wait_until(sub { statuses($pixel) eq 'dead=7 sent=3' }, 30, '(h) retried rows sent'),
+		'(h) the three are sent, the other seven stay dead');
+}
+
+######################################################################
 # (f) Wrong credentials, then the right ones and a reload.
 
 {
