@@ -95,7 +95,7 @@ typedef struct PixelState
 	int			last_http_status;
 } PixelState;
 
-/* Purge sent rows past xcapi.retention at most this often when busy. */
+/* Purge sent rows past xcapi.retention at most this often (see maybe_purge). */
 #define PURGE_INTERVAL_SECS 60
 #define PURGE_BATCH 10000
 
@@ -103,7 +103,7 @@ static MemoryContext loop_context = NULL;
 static MemoryContext round_context = NULL;
 static HTAB *pixel_states = NULL;
 static bool repaired = false;
-static TimestampTz last_purge = 0;
+static TimestampTz next_purge = 0;
 static bool purge_pending = true;
 static List *released_pixels = NIL;	/* auth pauses lifted by a reload */
 static bool credentials_changed = false;
@@ -719,30 +719,35 @@ publish_pixel_states(void)
 }
 
 /*
- * Delete sent rows past xcapi.retention, a batch at a time: when idle, or
- * once a minute when busy, or again at once while there is more to purge.
+ * Delete sent rows past xcapi.retention, a batch at a time.  A full batch
+ * means more are waiting: go on at once.  A partial one means the oldest
+ * rows are gone: look again in a minute.  None at all means nothing is old
+ * enough yet, and finding that out walked the table: wait longer (a tenth
+ * of the retention, between a minute and an hour) before looking again.
  */
 static void
-maybe_purge(bool idle)
+maybe_purge(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	int			n;
+	int64		wait_secs;
 
 	if (xcapi_retention <= 0)
 		return;
-	if (!idle && !purge_pending &&
-		now - last_purge < (TimestampTz) PURGE_INTERVAL_SECS * USECS_PER_SEC)
-		return;
-	if (idle && !purge_pending &&
-		now - last_purge < (TimestampTz) xcapi_naptime * USECS_PER_SEC)
+	if (!purge_pending && now < next_purge)
 		return;
 
 	begin_transaction("purging sent conversions");
 	n = xcapi_outbox_lookup_schema() ?
 		xcapi_outbox_purge(xcapi_retention, PURGE_BATCH) : 0;
 	end_transaction();
-	last_purge = now;
+
 	purge_pending = (n == PURGE_BATCH);
+	if (n > 0)
+		wait_secs = PURGE_INTERVAL_SECS;
+	else
+		wait_secs = Min(Max(xcapi_retention / 10, PURGE_INTERVAL_SECS), 3600);
+	next_purge = now + (TimestampTz) wait_secs * USECS_PER_SEC;
 }
 
 /*
@@ -861,7 +866,7 @@ run_once(void)
 	}
 	end_transaction();
 
-	maybe_purge(nrows == 0);
+	maybe_purge();
 	if (nrows == 0)
 	{
 		publish_pixel_states();
@@ -928,6 +933,7 @@ reload_configuration(void)
 		}
 	}
 	credentials_changed = true;
+	next_purge = 0;				/* xcapi.retention may have changed */
 	/* commits for the released pixels must wake the worker again */
 	publish_pixel_states();
 }
