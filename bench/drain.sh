@@ -198,6 +198,8 @@ EOF
     R[$inflight,enqueue_s]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
     psqlb -c "CHECKPOINT"
     xc_info "queued in ${R[$inflight,enqueue_s]} s; $(psqlv -c "SELECT string_agg(status || ' ' || n, ', ') FROM (SELECT status, count(*) n FROM xcapi_conversions GROUP BY 1 ORDER BY 1) s")"
+    # the table with every row queued: the baseline for bloat from status changes
+    R[$inflight,total_queued]=$(psqlv -c "SELECT pg_size_pretty(pg_total_relation_size('xcapi_conversions'))")
     # rows moved out of the due range while the pixel was paused (deferred)
     R[$inflight,deferred]=$(psqlv -c "SELECT count(*) FROM xcapi_conversions WHERE next_attempt_at > now() + interval '10 s'")
 
@@ -343,6 +345,11 @@ EOF
                   FROM pg_index WHERE indrelid = 'xcapi_conversions'::regclass)")
     R[$inflight,dead_tup]=$(psqlv -c "SELECT n_live_tup || ' live / ' || n_dead_tup || ' dead tuples, autovacuum ' || autovacuum_count || 'x'
         FROM pg_stat_user_tables WHERE relname = 'xcapi_conversions'")
+    # what a vacuum (autovacuum, at 2 % dead) gets back: sizes and free space
+    psqlb -c "VACUUM xcapi_conversions" >/dev/null
+    IFS='|' read -r "R[$inflight,total_vac]" "R[$inflight,dead_vac]" < <(psqlv -c "
+        SELECT pg_size_pretty(pg_total_relation_size('xcapi_conversions')),
+               n_dead_tup FROM pg_stat_user_tables WHERE relname = 'xcapi_conversions'")
     if [ "$have_state" = 1 ]; then
         R[$inflight,wstate]=$(psqlv -c "SELECT 'requests ' || requests || ', conversions_sent ' || conversions_sent || ', retries ' || retries || ', last_http_status ' || coalesce(last_http_status::text, '-') FROM xcapi_worker_state()")
     fi
@@ -434,9 +441,12 @@ row "worker RssAnon kB at 100k sent" anon100k
 row "worker RssAnon kB at $((ROWS - 100000)) sent (last 100k)" anon_lastgap
 row "worker RssAnon kB at the end" anon_last
 row "worker RssAnon kB max" anon_max
+row "pg_total_relation_size, all queued" total_queued
 row "pg_total_relation_size after" total_size
 row "pg_relation_size (heap) after" heap_size
 row "pg_indexes_size after" idx_size
+row "pg_total_relation_size after VACUUM" total_vac
+row "dead tuples after VACUUM" dead_vac
 for i in "${IF[@]}"; do
     printf '  max_inflight %s: xcapi.* %s\n' "$i" "${R[$i,settings]}"
     printf '  max_inflight %s: statuses: %s\n' "$i" "${R[$i,statuses]}"
