@@ -60,7 +60,6 @@ typedef struct CredentialSet
 
 static MemoryContext cred_context = NULL;
 static List *cred_sets = NIL;	/* of CredentialSet; defaults first */
-static uint32 cred_generation = 0;
 
 /* Wipe and free what the previous load kept. */
 static void
@@ -255,7 +254,6 @@ xcapi_credentials_load(void)
 											 "xcapi credentials",
 											 ALLOCSET_SMALL_SIZES);
 	forget_credentials();
-	cred_generation++;
 
 	if (path == NULL || path[0] == '\0')
 		return true;
@@ -360,11 +358,4 @@ xcapi_credentials_for(const char *pixel, XcapiCredentials *out)
 	out->access_token = merged[CRED_ACCESS_TOKEN];
 	out->access_token_secret = merged[CRED_ACCESS_TOKEN_SECRET];
 	return true;
-}
-
-/* Bumped on every load, so callers can tell the credentials changed. */
-uint32
-xcapi_credentials_generation(void)
-{
-	return cred_generation;
 }

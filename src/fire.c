@@ -82,6 +82,7 @@ typedef struct FireInput
 	char	   *description;
 	bool		has_conversion_time;
 	TimestampTz conversion_time;
+	bool		ids_checked;	/* pixel and event_id already validated */
 } FireInput;
 
 static void
@@ -280,8 +281,11 @@ fire(FireInput *in)
 	int64		id;
 	char	   *payload;
 
-	check_pixel(in->pixel);
-	check_event_id(in->event_id, in->pixel);
+	if (!in->ids_checked)
+	{
+		check_pixel(in->pixel);
+		check_event_id(in->event_id, in->pixel);
+	}
 
 	conv.event_id = in->event_id;
 	conv.twclid = clean_text(in->twclid, "twclid", MAX_ID_LEN);
@@ -669,6 +673,7 @@ row_to_input(TriggerMapping *m, HeapTuple tuple, TupleDesc desc,
 
 	in->pixel = m->pixel;
 	in->event_id = m->event_id;
+	in->ids_checked = true;		/* by build_mapping, once per trigger */
 	in->conversion_id = column_text(tuple, desc, &c[F_CONVERSION_ID]);
 	in->currency = column_text(tuple, desc, &c[F_CURRENCY]);
 	in->email = column_text(tuple, desc, &c[F_EMAIL]);

@@ -194,6 +194,26 @@ can_insert_directly(Oid table)
 }
 
 /*
+ * The six values a caller gives for a new outbox row, in the order of
+ * outbox_columns: id, pixel_id, event_id, conversion_id, conversion_time,
+ * payload (json is text inside: built valid, stored without a re-parse).
+ */
+#define NUM_GIVEN_COLUMNS 6
+
+static void
+given_values(Datum *values, int64 id, const char *pixel,
+			 const char *event_id, const char *conversion_id,
+			 TimestampTz conversion_time, const char *payload)
+{
+	values[0] = Int64GetDatum(id);
+	values[1] = CStringGetTextDatum(pixel);
+	values[2] = CStringGetTextDatum(event_id);
+	values[3] = CStringGetTextDatum(conversion_id);
+	values[4] = TimestampTzGetDatum(conversion_time);
+	values[5] = CStringGetTextDatum(payload);
+}
+
+/*
  * Form the queued row and insert it into the heap and every index, as the
  * executor would for this table (see can_insert_directly).
  */
@@ -211,12 +231,8 @@ insert_directly(int64 id, const char *pixel, const char *event_id,
 	bool		given_null[NUM_OUTBOX_COLUMNS] = {0};
 	HeapTuple	tup;
 
-	given[0] = Int64GetDatum(id);
-	given[1] = CStringGetTextDatum(pixel);
-	given[2] = CStringGetTextDatum(event_id);
-	given[3] = CStringGetTextDatum(conversion_id);
-	given[4] = TimestampTzGetDatum(conversion_time);
-	given[5] = CStringGetTextDatum(payload);
+	given_values(given, id, pixel, event_id, conversion_id, conversion_time,
+				 payload);
 	given[6] = CStringGetTextDatum("queued");
 	given[7] = Int32GetDatum(0);
 	given[8] = TimestampTzGetDatum(now);	/* the column defaults: now() */
@@ -430,9 +446,9 @@ xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
 						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 	PG_TRY();
 	{
-		Oid			types[6] = {INT8OID, TEXTOID, TEXTOID, TEXTOID,
-		TIMESTAMPTZOID, JSONOID};
-		Datum		values[6];
+		Oid			types[NUM_GIVEN_COLUMNS] = {INT8OID, TEXTOID, TEXTOID,
+		TEXTOID, TIMESTAMPTZOID, JSONOID};
+		Datum		values[NUM_GIVEN_COLUMNS];
 		SPIPlanPtr	plan;
 
 		if (SPI_connect() != SPI_OK_CONNECT)
@@ -440,14 +456,9 @@ xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
 		plan = get_plan(PLAN_INSERT,
 						"INSERT INTO %s.xcapi_conversions "
 						"(id, pixel_id, event_id, conversion_id, conversion_time, payload) "
-						"VALUES ($1, $2, $3, $4, $5, $6)", 6, types);
-		values[0] = Int64GetDatum(id);
-		values[1] = CStringGetTextDatum(pixel);
-		values[2] = CStringGetTextDatum(event_id);
-		values[3] = CStringGetTextDatum(conversion_id);
-		values[4] = TimestampTzGetDatum(conversion_time);
-		/* json is text inside: the payload was built valid, no re-parse */
-		values[5] = CStringGetTextDatum(payload);
+						"VALUES ($1, $2, $3, $4, $5, $6)", NUM_GIVEN_COLUMNS, types);
+		given_values(values, id, pixel, event_id, conversion_id,
+					 conversion_time, payload);
 		run_plan(plan, values, NULL, SPI_OK_INSERT);
 		SPI_finish();
 	}

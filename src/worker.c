@@ -107,6 +107,7 @@ static TimestampTz next_purge = 0;
 static bool purge_pending = true;
 static List *released_pixels = NIL;	/* auth pauses lifted by a reload */
 static bool credentials_changed = false;
+static bool api_url_safe = false;	/* xcapi_http_url_is_safe(xcapi.api_url) */
 static TimestampTz last_claim = 0;
 static bool last_claim_full = false;
 static bool last_claim_blocked = false;
@@ -387,7 +388,7 @@ prepare_request(XcapiClaimed *rows, Batch *b, TimestampTz now,
 				   until, false);
 		return NULL;
 	}
-	if (!xcapi_http_url_is_safe(xcapi_api_url))
+	if (!api_url_safe)
 	{
 		const char *why = "refusing to send credentials over plain HTTP to a non-loopback host; set xcapi.api_url to an https:// URL";
 
@@ -911,6 +912,8 @@ reload_configuration(void)
 
 	/* new credentials: lift credential pauses and try held rows at once */
 	xcapi_credentials_load();
+	/* the URL only changes on reload: parse it then, not per request */
+	api_url_safe = xcapi_http_url_is_safe(xcapi_api_url);
 	{
 		HASH_SEQ_STATUS seq;
 		PixelState *st;
@@ -979,6 +982,8 @@ xcapi_worker_main(Datum main_arg)
 
 	xcapi_http_init();
 	xcapi_credentials_load();
+	/* the URL only changes on reload: parse it then, not per request */
+	api_url_safe = xcapi_http_url_is_safe(xcapi_api_url);
 	ereport(LOG,
 			(errmsg("xcapi worker started in database \"%s\", sending to %s",
 					xcapi_database, xcapi_api_url)));

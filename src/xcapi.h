@@ -173,7 +173,6 @@ typedef struct XcapiCredentials
 
 extern bool xcapi_credentials_load(void);
 extern bool xcapi_credentials_for(const char *pixel, XcapiCredentials *out);
-extern uint32 xcapi_credentials_generation(void);
 
 /* http.c */
 typedef struct XcapiHttpRequest
