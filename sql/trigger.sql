@@ -87,3 +87,78 @@ SELECT conversion_id, (payload::jsonb->>'conversion_time')::timestamptz = curren
   FROM xcapi_conversions WHERE conversion_id = 'bad-10';
 ALTER TABLE bad DROP COLUMN created;
 INSERT INTO bad VALUES (11, 'a@example.com', '1');
+
+-- Rows fired by AFTER ROW triggers are written together when the statement
+-- ends.  They are there for the next statement of the same transaction,
+-- live and die with the (sub)transaction that fired them, and keep every
+-- row of a statement larger than one batch (1,000 rows).
+CREATE TABLE orders (id int PRIMARY KEY, email text);
+CREATE TRIGGER orders_to_x AFTER INSERT ON orders
+    FOR EACH ROW EXECUTE FUNCTION xcapi_fire_trigger('o8z6j', 'ord01', 'email=email');
+BEGIN;
+INSERT INTO orders SELECT g, 'o' || g || '@example.com' FROM generate_series(1, 2500) g;
+SELECT count(*) AS seen_in_same_transaction, count(DISTINCT id) AS distinct_ids,
+       count(*) FILTER (WHERE conversion_id <> payload::jsonb->>'conversion_id') AS mismatched
+  FROM xcapi_conversions WHERE event_id = 'ord01';
+SAVEPOINT s1;
+INSERT INTO orders VALUES (2501, 'x@example.com'), (2502, 'y@example.com');
+ROLLBACK TO SAVEPOINT s1;
+SAVEPOINT s2;
+INSERT INTO orders VALUES (2503, 'z@example.com');
+RELEASE SAVEPOINT s2;
+COMMIT;
+SELECT count(*) AS after_savepoints,
+       count(*) FILTER (WHERE conversion_id IN ('orders-2501', 'orders-2502')) AS rolled_back,
+       count(*) FILTER (WHERE conversion_id = 'orders-2503') AS released
+  FROM xcapi_conversions WHERE event_id = 'ord01';
+
+-- A statement that fails after its trigger fired queues nothing, and the
+-- rows of an outer statement survive an inner block that fails.
+CREATE TABLE refunds (id int PRIMARY KEY, email text);
+CREATE TRIGGER r1_to_x AFTER INSERT ON refunds
+    FOR EACH ROW EXECUTE FUNCTION xcapi_fire_trigger('o8z6j', 'ref01', 'email=email');
+CREATE FUNCTION refuse_big_refund() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.email LIKE 'refuse%' THEN
+        RAISE EXCEPTION 'refund % refused', NEW.id;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER r2_refuse AFTER INSERT ON refunds
+    FOR EACH ROW EXECUTE FUNCTION refuse_big_refund();
+INSERT INTO refunds VALUES (1, 'a@example.com'), (2, 'refuse@example.com');
+SELECT count(*) AS after_failed_statement FROM xcapi_conversions WHERE event_id = 'ref01';
+-- each order also books a refund in a block that swallows its failure: the
+-- refund's own statement fails (refuse), or the block fails after it (undo)
+CREATE FUNCTION book_refund() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    BEGIN
+        INSERT INTO refunds VALUES (NEW.id, NEW.email);
+        IF NEW.email LIKE 'undo%' THEN
+            RAISE EXCEPTION 'refund % undone', NEW.id;
+        END IF;
+    EXCEPTION WHEN raise_exception THEN
+        NULL;
+    END;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER orders_z_refund AFTER INSERT ON orders
+    FOR EACH ROW EXECUTE FUNCTION book_refund();
+INSERT INTO orders VALUES (7001, 'p@example.com'), (7002, 'refuse@example.com'),
+                          (7003, 'undo@example.com'), (7004, 'r@example.com');
+SELECT event_id, string_agg(conversion_id, ', ' ORDER BY conversion_id) AS queued
+  FROM xcapi_conversions WHERE conversion_id ~ '^(orders|refunds)-700[1-4]$'
+ GROUP BY event_id ORDER BY event_id;
+DROP TRIGGER orders_z_refund ON orders;
+
+-- a deferred constraint trigger fires at commit, and its rows are kept
+CREATE CONSTRAINT TRIGGER orders_at_commit AFTER INSERT ON orders
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION xcapi_fire_trigger('o8z6j', 'ord02', 'email=email');
+BEGIN;
+INSERT INTO orders VALUES (3001, 'd1@example.com'), (3002, 'd2@example.com');
+SELECT count(*) AS deferred_before_commit FROM xcapi_conversions WHERE event_id = 'ord02';
+COMMIT;
+SELECT count(*) AS deferred_after_commit FROM xcapi_conversions WHERE event_id = 'ord02';
+DROP TABLE orders, refunds;
+DROP FUNCTION refuse_big_refund(), book_refund();

@@ -83,6 +83,7 @@ typedef struct FireInput
 	bool		has_conversion_time;
 	TimestampTz conversion_time;
 	bool		ids_checked;	/* pixel and event_id already validated */
+	bool		batchable;		/* an AFTER ROW trigger: see xcapi_outbox_insert */
 } FireInput;
 
 static void
@@ -278,8 +279,8 @@ static int64
 fire(FireInput *in)
 {
 	XcapiConversion conv = {0};
+	XcapiQueuedRow row;
 	int64		id;
-	char	   *payload;
 
 	if (!in->ids_checked)
 	{
@@ -349,10 +350,14 @@ fire(FireInput *in)
 	if (conv.conversion_id == NULL)
 		conv.conversion_id = psprintf("xcapi-" INT64_FORMAT, id);
 
-	payload = xcapi_conversion_json(&conv);
-	xcapi_outbox_insert(id, in->pixel, in->event_id, conv.conversion_id,
-						conv.conversion_time, payload);
-	pfree(payload);
+	row.id = id;
+	row.pixel = in->pixel;
+	row.event_id = in->event_id;
+	row.conversion_id = conv.conversion_id;
+	row.conversion_time = conv.conversion_time;
+	row.payload = xcapi_conversion_json(&conv);
+	xcapi_outbox_insert(&row, in->batchable);
+	pfree((char *) row.payload);
 
 	xcapi_note_fired(in->pixel);
 	return id;
@@ -891,6 +896,7 @@ xcapi_fire_trigger(PG_FUNCTION_ARGS)
 	errcallback.previous = error_context_stack;
 	error_context_stack = &errcallback;
 	row_to_input(m, tuple, RelationGetDescr(td->tg_relation), &in);
+	in.batchable = true;		/* only AFTER ROW triggers get here */
 	(void) fire(&in);
 	error_context_stack = errcallback.previous;
 

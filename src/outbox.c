@@ -47,7 +47,9 @@
 #include "catalog/pg_class.h"
 #include "utils/syscache.h"
 #include "utils/inval.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -83,6 +85,9 @@ static bool direct_insert = false;	/* see can_insert_directly() */
 static bool lookup_valid = false;	/* until an invalidation says otherwise */
 static bool callbacks_registered = false;
 static SPIPlanPtr plans[NUM_PLANS];
+
+/* Most rows written by one heap_multi_insert (see PendingRow). */
+#define PENDING_MAX 1000
 
 /* The schema of extension ext (not exported by PostgreSQL 15). */
 static Oid
@@ -201,38 +206,31 @@ can_insert_directly(Oid table)
 #define NUM_GIVEN_COLUMNS 6
 
 static void
-given_values(Datum *values, int64 id, const char *pixel,
-			 const char *event_id, const char *conversion_id,
-			 TimestampTz conversion_time, const char *payload)
+given_values(Datum *values, const XcapiQueuedRow *row)
 {
-	values[0] = Int64GetDatum(id);
-	values[1] = CStringGetTextDatum(pixel);
-	values[2] = CStringGetTextDatum(event_id);
-	values[3] = CStringGetTextDatum(conversion_id);
-	values[4] = TimestampTzGetDatum(conversion_time);
-	values[5] = CStringGetTextDatum(payload);
+	values[0] = Int64GetDatum(row->id);
+	values[1] = CStringGetTextDatum(row->pixel);
+	values[2] = CStringGetTextDatum(row->event_id);
+	values[3] = CStringGetTextDatum(row->conversion_id);
+	values[4] = TimestampTzGetDatum(row->conversion_time);
+	values[5] = CStringGetTextDatum(row->payload);
 }
 
 /*
- * Form the queued row and insert it into the heap and every index, as the
- * executor would for this table (see can_insert_directly).
+ * The queued row's values in the table's column order, as the executor
+ * would make them for this table (see can_insert_directly): the given
+ * values and the columns' defaults.  values and nulls have desc->natts
+ * entries.
  */
 static void
-insert_directly(int64 id, const char *pixel, const char *event_id,
-				const char *conversion_id, TimestampTz conversion_time,
-				const char *payload)
+queued_row_values(TupleDesc desc, const XcapiQueuedRow *row, Datum *values,
+				  bool *nulls)
 {
-	Relation	rel = table_open(table_oid, RowExclusiveLock);
-	TupleDesc	desc = RelationGetDescr(rel);
-	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
-	bool	   *nulls = palloc(sizeof(bool) * desc->natts);
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 	Datum		given[NUM_OUTBOX_COLUMNS];
 	bool		given_null[NUM_OUTBOX_COLUMNS] = {0};
-	HeapTuple	tup;
 
-	given_values(given, id, pixel, event_id, conversion_id, conversion_time,
-				 payload);
+	given_values(given, row);
 	given[6] = CStringGetTextDatum("queued");
 	given[7] = Int32GetDatum(0);
 	given[8] = TimestampTzGetDatum(now);	/* the column defaults: now() */
@@ -240,19 +238,43 @@ insert_directly(int64 id, const char *pixel, const char *event_id,
 	given[12] = TimestampTzGetDatum(now);
 	given_null[13] = true;
 
+	memset(values, 0, sizeof(Datum) * desc->natts);
 	memset(nulls, true, sizeof(bool) * desc->natts);
 	for (int i = 0; i < (int) NUM_OUTBOX_COLUMNS; i++)
 	{
 		values[outbox_attnums[i] - 1] = given[i];
 		nulls[outbox_attnums[i] - 1] = given_null[i];
 	}
-	tup = heap_form_tuple(desc, values, nulls);
-	simple_heap_insert(rel, tup);
+}
 
+/* Open the outbox's indexes for inserting; the locks last to commit. */
+static Relation *
+open_outbox_indexes(void)
+{
+	Relation   *idx = palloc(sizeof(Relation) * Max(n_outbox_indexes, 1));
+
+	for (int i = 0; i < n_outbox_indexes; i++)
+		idx[i] = index_open(outbox_index_oids[i], RowExclusiveLock);
+	return idx;
+}
+
+static void
+close_outbox_indexes(Relation *idx)
+{
+	/* the locks are kept to the end of the transaction, as the executor does */
+	for (int i = 0; i < n_outbox_indexes; i++)
+		index_close(idx[i], NoLock);
+	pfree(idx);
+}
+
+/* The index entries of one heap tuple at tid, in every outbox index. */
+static void
+insert_index_entries(Relation rel, Relation *idx, Datum *values, bool *nulls,
+					 ItemPointer tid)
+{
 	for (int i = 0; i < n_outbox_indexes; i++)
 	{
 		IndexInfo  *info = outbox_index_infos[i];
-		Relation	idx = index_open(outbox_index_oids[i], RowExclusiveLock);
 		Datum		ivalues[INDEX_MAX_KEYS];
 		bool		inulls[INDEX_MAX_KEYS];
 
@@ -263,13 +285,104 @@ insert_directly(int64 id, const char *pixel, const char *event_id,
 			ivalues[k] = values[attnum - 1];
 			inulls[k] = nulls[attnum - 1];
 		}
-		index_insert(idx, ivalues, inulls, &tup->t_self, rel,
+		index_insert(idx[i], ivalues, inulls, tid, rel,
 					 outbox_index_unique[i] ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
 					 false, info);
-		/* the lock is kept to the end of the transaction, as the executor does */
-		index_close(idx, NoLock);
 	}
+}
+
+/* Insert one queued row into the heap and every index. */
+static void
+insert_directly(const XcapiQueuedRow *row)
+{
+	Relation	rel = table_open(table_oid, RowExclusiveLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	Datum	   *values = palloc(sizeof(Datum) * desc->natts);
+	bool	   *nulls = palloc(sizeof(bool) * desc->natts);
+	Relation   *idx;
+	HeapTuple	tup;
+
+	queued_row_values(desc, row, values, nulls);
+	tup = heap_form_tuple(desc, values, nulls);
+	simple_heap_insert(rel, tup);
+	idx = open_outbox_indexes();
+	insert_index_entries(rel, idx, values, nulls, &tup->t_self);
+	close_outbox_indexes(idx);
 	heap_freetuple(tup);
+	table_close(rel, NoLock);
+}
+
+/*
+ * n heap tuple slots for rows of desc, made once per transaction: making
+ * and dropping a slot per row costs more than the multi-insert saves.
+ * They use a copy of the descriptor, so they pin nothing; the tuples they
+ * hold belong to the caller's memory context.
+ */
+static MemoryContext slots_context = NULL;
+static TupleDesc slots_desc = NULL;
+static TupleTableSlot **slots = NULL;
+static int	n_slots = 0;
+
+static TupleTableSlot **
+flush_slots(TupleDesc desc, int n)
+{
+	MemoryContext old;
+
+	if (slots_context != NULL && !equalTupleDescs(slots_desc, desc))
+	{
+		MemoryContextDelete(slots_context);
+		slots_context = NULL;
+	}
+	if (slots_context == NULL)
+	{
+		slots_context = AllocSetContextCreate(TopTransactionContext,
+											  "xcapi flush slots",
+											  ALLOCSET_DEFAULT_SIZES);
+		old = MemoryContextSwitchTo(slots_context);
+		slots_desc = CreateTupleDescCopyConstr(desc);
+		slots = palloc(sizeof(TupleTableSlot *) * PENDING_MAX);
+		n_slots = 0;
+		MemoryContextSwitchTo(old);
+	}
+	Assert(n <= PENDING_MAX);
+	old = MemoryContextSwitchTo(slots_context);
+	while (n_slots < n)
+		slots[n_slots++] = MakeSingleTupleTableSlot(slots_desc, &TTSOpsHeapTuple);
+	MemoryContextSwitchTo(old);
+	return slots;
+}
+
+/*
+ * Insert many queued rows: the heap in one heap_multi_insert (one WAL
+ * record per page rather than per row, each page locked once), then the
+ * index entries row by row, as COPY does.  Allocates in the caller's
+ * (short-lived) memory context.
+ */
+static void
+insert_many_directly(XcapiQueuedRow **rows, int n)
+{
+	Relation	rel = table_open(table_oid, RowExclusiveLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	TupleTableSlot **slots = flush_slots(desc, n);
+	Datum	  **values = palloc(sizeof(Datum *) * n);
+	bool	  **nulls = palloc(sizeof(bool *) * n);
+	Relation   *idx;
+
+	for (int i = 0; i < n; i++)
+	{
+		values[i] = palloc(sizeof(Datum) * desc->natts);
+		nulls[i] = palloc(sizeof(bool) * desc->natts);
+		queued_row_values(desc, rows[i], values[i], nulls[i]);
+		ExecStoreHeapTuple(heap_form_tuple(desc, values[i], nulls[i]),
+						   slots[i], false);
+	}
+	heap_multi_insert(rel, slots, n, GetCurrentCommandId(true), 0, NULL);
+	idx = open_outbox_indexes();
+	for (int i = 0; i < n; i++)
+		insert_index_entries(rel, idx, values[i], nulls[i], &slots[i]->tts_tid);
+	close_outbox_indexes(idx);
+	for (int i = 0; i < n; i++)
+		ExecClearTuple(slots[i]);
 	table_close(rel, NoLock);
 }
 
@@ -421,25 +534,14 @@ xcapi_outbox_next_id(void)
 }
 
 /*
- * Insert one queued conversion, directly or through SPI as the table's
- * owner; either way a role granted only EXECUTE on xcapi_fire can enqueue
- * without reading the queue.  payload is the conversion object's JSON
- * text, stored as it is.
+ * Insert one queued conversion through SPI as the table's owner: the way
+ * that honours whatever was added to the table (see can_insert_directly).
  */
-void
-xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
-					const char *conversion_id, TimestampTz conversion_time,
-					const char *payload)
+static void
+insert_through_spi(const XcapiQueuedRow *row)
 {
 	Oid			save_userid;
 	int			save_sec_context;
-
-	if (direct_insert)
-	{
-		insert_directly(id, pixel, event_id, conversion_id, conversion_time,
-						payload);
-		return;
-	}
 
 	GetUserIdAndSecContext(&save_userid, &save_sec_context);
 	SetUserIdAndSecContext(table_owner,
@@ -457,8 +559,7 @@ xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
 						"INSERT INTO %s.xcapi_conversions "
 						"(id, pixel_id, event_id, conversion_id, conversion_time, payload) "
 						"VALUES ($1, $2, $3, $4, $5, $6)", NUM_GIVEN_COLUMNS, types);
-		given_values(values, id, pixel, event_id, conversion_id,
-					 conversion_time, payload);
+		given_values(values, row);
 		run_plan(plan, values, NULL, SPI_OK_INSERT);
 		SPI_finish();
 	}
@@ -467,6 +568,233 @@ xcapi_outbox_insert(int64 id, const char *pixel, const char *event_id,
 		SetUserIdAndSecContext(save_userid, save_sec_context);
 	}
 	PG_END_TRY();
+}
+
+/*
+ * Rows fired by AFTER ROW triggers wait here until their statement's
+ * ExecutorFinish returns (that is where such triggers run), and are then
+ * written together: a 100,000-row INSERT ... SELECT then costs its
+ * conversions one multi-insert per PENDING_MAX rows instead of a heap
+ * insert, a WAL record and a relation open apiece.  Nothing is visible
+ * later than before: rows inserted by a statement are invisible to that
+ * same statement anyway, and the next statement starts after the flush.
+ *
+ * Each row carries the subtransaction it was fired in.  A subtransaction
+ * that commits hands its rows to its parent; one that aborts drops them,
+ * exactly as it would have dropped rows already in the heap.  A row is
+ * only ever written while its own subtransaction (or a child of it that
+ * is committing) is current, so it lives or dies with the right one.
+ * What is left at commit or PREPARE is written then; an abort discards
+ * all.  The rows live in a child of TopTransactionContext.
+ */
+typedef struct PendingRow
+{
+	XcapiQueuedRow row;
+	SubTransactionId subxid;
+} PendingRow;
+
+static MemoryContext pending_context = NULL;
+static PendingRow *pending = NULL;	/* grows to PENDING_MAX */
+static int	n_pending = 0;
+static int	pending_capacity = 0;
+static int	executor_finish_depth = 0;
+static ExecutorFinish_hook_type prev_executor_finish = NULL;
+
+/*
+ * Write the pending rows of subtransaction subxid (all of them if subxid
+ * is InvalidSubTransactionId) and drop them from the list.
+ */
+static void
+flush_pending(SubTransactionId subxid)
+{
+	MemoryContext flush_context;
+	MemoryContext old;
+	XcapiQueuedRow **rows;
+	int			n = 0;
+	int			kept = 0;
+
+	if (n_pending == 0)
+		return;
+	flush_context = AllocSetContextCreate(CurrentMemoryContext,
+										  "xcapi pending rows flush",
+										  ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(flush_context);
+	rows = palloc(sizeof(XcapiQueuedRow *) * n_pending);
+	for (int i = 0; i < n_pending; i++)
+		if (subxid == InvalidSubTransactionId || pending[i].subxid == subxid)
+			rows[n++] = &pending[i].row;
+
+	if (n > 0)
+	{
+		if (!xcapi_outbox_lookup_schema())
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("extension \"xcapi\" is not installed in this database")));
+		if (direct_insert)
+			insert_many_directly(rows, n);
+		else
+			for (int i = 0; i < n; i++)
+				insert_through_spi(rows[i]);
+	}
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(flush_context);
+
+	for (int i = 0; i < n_pending; i++)
+		if (!(subxid == InvalidSubTransactionId || pending[i].subxid == subxid))
+			pending[kept++] = pending[i];
+	n_pending = kept;
+	if (n_pending == 0)
+		MemoryContextReset(pending_context);
+}
+
+static void
+add_pending(const XcapiQueuedRow *row)
+{
+	SubTransactionId subxid = GetCurrentSubTransactionId();
+	MemoryContext old;
+	PendingRow *p;
+
+	if (pending_context == NULL)
+	{
+		pending_context = AllocSetContextCreate(TopTransactionContext,
+												"xcapi pending rows",
+												ALLOCSET_DEFAULT_SIZES);
+		pending_capacity = 16;
+		pending = MemoryContextAlloc(TopTransactionContext,
+									 sizeof(PendingRow) * pending_capacity);
+	}
+
+	/*
+	 * When full, write the current subtransaction's rows.  If the list is
+	 * still full, it holds rows of outer levels (an inner statement fires
+	 * while an outer one's rows wait): they must wait for their own level,
+	 * so this row is written at once.
+	 */
+	if (n_pending >= PENDING_MAX)
+		flush_pending(subxid);
+	if (n_pending >= PENDING_MAX)
+	{
+		insert_directly(row);
+		return;
+	}
+
+	if (n_pending == pending_capacity)
+	{
+		pending_capacity = Min(pending_capacity * 2, PENDING_MAX);
+		pending = repalloc(pending, sizeof(PendingRow) * pending_capacity);
+	}
+	old = MemoryContextSwitchTo(pending_context);
+	p = &pending[n_pending];
+	p->row.id = row->id;
+	p->row.pixel = pstrdup(row->pixel);
+	p->row.event_id = pstrdup(row->event_id);
+	p->row.conversion_id = pstrdup(row->conversion_id);
+	p->row.conversion_time = row->conversion_time;
+	p->row.payload = pstrdup(row->payload);
+	p->subxid = subxid;
+	n_pending++;
+	MemoryContextSwitchTo(old);
+}
+
+/* ExecutorFinish runs the statement's AFTER triggers; write their rows. */
+static void
+outbox_executor_finish(QueryDesc *queryDesc)
+{
+	executor_finish_depth++;
+	PG_TRY();
+	{
+		if (prev_executor_finish)
+			prev_executor_finish(queryDesc);
+		else
+			standard_ExecutorFinish(queryDesc);
+	}
+	PG_FINALLY();
+	{
+		executor_finish_depth--;
+	}
+	PG_END_TRY();
+	flush_pending(GetCurrentSubTransactionId());
+}
+
+static void
+outbox_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						SubTransactionId parentSubid, void *arg)
+{
+	int			kept = 0;
+
+	switch (event)
+	{
+		case SUBXACT_EVENT_COMMIT_SUB:
+			for (int i = 0; i < n_pending; i++)
+				if (pending[i].subxid == mySubid)
+					pending[i].subxid = parentSubid;
+			break;
+		case SUBXACT_EVENT_ABORT_SUB:
+			for (int i = 0; i < n_pending; i++)
+				if (pending[i].subxid != mySubid)
+					pending[kept++] = pending[i];
+			n_pending = kept;
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+outbox_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+		case XACT_EVENT_PRE_PREPARE:
+			flush_pending(InvalidSubTransactionId);
+			break;
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PREPARE:
+		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			/* both went with TopTransactionContext */
+			pending_context = NULL;
+			pending = NULL;
+			n_pending = pending_capacity = 0;
+			slots_context = NULL;
+			slots_desc = NULL;
+			slots = NULL;
+			n_slots = 0;
+			executor_finish_depth = 0;
+			break;
+		default:
+			break;
+	}
+}
+
+/* Called once, from _PG_init. */
+void
+xcapi_outbox_init(void)
+{
+	prev_executor_finish = ExecutorFinish_hook;
+	ExecutorFinish_hook = outbox_executor_finish;
+	RegisterXactCallback(outbox_xact_callback, NULL);
+	RegisterSubXactCallback(outbox_subxact_callback, NULL);
+}
+
+/*
+ * Insert one queued conversion; either way a role granted only EXECUTE on
+ * xcapi_fire can enqueue without reading the queue.  When batchable (the
+ * caller is an AFTER ROW trigger, whose rows nobody sees before the
+ * statement ends) and an executor is finishing a statement, the row waits
+ * to be written with the statement's others (see PendingRow).
+ */
+void
+xcapi_outbox_insert(const XcapiQueuedRow *row, bool batchable)
+{
+	if (!direct_insert)
+		insert_through_spi(row);
+	else if (batchable && executor_finish_depth > 0)
+		add_pending(row);
+	else
+		insert_directly(row);
 }
 
 /*

@@ -59,6 +59,21 @@ xcapi_json_decimal(StringInfo dst, const char *numeric_text)
 		appendStringInfoChar(dst, '0');
 }
 
+/* n (0 <= n < 10^width) in exactly width decimal digits. */
+static void
+append_digits(StringInfo dst, int n, int width)
+{
+	char		digits[8];
+
+	Assert(width <= (int) sizeof(digits) && n >= 0);
+	for (int i = width - 1; i >= 0; i--)
+	{
+		digits[i] = '0' + n % 10;
+		n /= 10;
+	}
+	appendBinaryStringInfo(dst, digits, width);
+}
+
 /* conversion_time as X wants it: 2022-02-18T01:14:00.603Z */
 static void
 append_x_time(StringInfo dst, TimestampTz ts)
@@ -71,18 +86,86 @@ append_x_time(StringInfo dst, TimestampTz ts)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
 				 errmsg("argument \"conversion_time\" is out of range")));
-	appendStringInfo(dst, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
-					 tm.tm_year, tm.tm_mon, tm.tm_mday,
-					 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) (fsec / 1000));
+	if (tm.tm_year < 0 || tm.tm_year > 9999)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("argument \"conversion_time\" is out of range")));
+	/* by hand: a printf per conversion is a measurable share of a trigger */
+	append_digits(dst, tm.tm_year, 4);
+	appendStringInfoChar(dst, '-');
+	append_digits(dst, tm.tm_mon, 2);
+	appendStringInfoChar(dst, '-');
+	append_digits(dst, tm.tm_mday, 2);
+	appendStringInfoChar(dst, 'T');
+	append_digits(dst, tm.tm_hour, 2);
+	appendStringInfoChar(dst, ':');
+	append_digits(dst, tm.tm_min, 2);
+	appendStringInfoChar(dst, ':');
+	append_digits(dst, tm.tm_sec, 2);
+	appendStringInfoChar(dst, '.');
+	append_digits(dst, (int) (fsec / 1000), 3);
+	appendStringInfoChar(dst, 'Z');
+}
+
+/*
+ * value as a JSON string.  Same output as PostgreSQL's escape_json, but
+ * runs of plain characters are copied at once: hashes, ids and user agents
+ * rarely need escaping, and this runs for every field of every conversion.
+ */
+static void
+append_json_string(StringInfo dst, const char *value)
+{
+	const char *run = value;
+	const char *p;
+
+	appendStringInfoChar(dst, '"');
+	for (p = value; *p; p++)
+	{
+		unsigned char c = (unsigned char) *p;
+
+		if (c >= ' ' && c != '"' && c != '\\')
+			continue;
+		appendBinaryStringInfo(dst, run, p - run);
+		run = p + 1;
+		switch (c)
+		{
+			case '\b':
+				appendStringInfoString(dst, "\\b");
+				break;
+			case '\f':
+				appendStringInfoString(dst, "\\f");
+				break;
+			case '\n':
+				appendStringInfoString(dst, "\\n");
+				break;
+			case '\r':
+				appendStringInfoString(dst, "\\r");
+				break;
+			case '\t':
+				appendStringInfoString(dst, "\\t");
+				break;
+			case '"':
+				appendStringInfoString(dst, "\\\"");
+				break;
+			case '\\':
+				appendStringInfoString(dst, "\\\\");
+				break;
+			default:
+				appendStringInfo(dst, "\\u%04x", (int) c);
+				break;
+		}
+	}
+	appendBinaryStringInfo(dst, run, p - run);
+	appendStringInfoChar(dst, '"');
 }
 
 static void
 append_field(StringInfo dst, const char *key, const char *value)
 {
 	appendStringInfoChar(dst, ',');
-	escape_json(dst, key);
+	append_json_string(dst, key);
 	appendStringInfoChar(dst, ':');
-	escape_json(dst, value);
+	append_json_string(dst, value);
 }
 
 static void
@@ -90,9 +173,9 @@ append_identifier(StringInfo dst, bool *first, const char *key,
 				  const char *value)
 {
 	appendStringInfoString(dst, *first ? "{" : ",{");
-	escape_json(dst, key);
+	append_json_string(dst, key);
 	appendStringInfoChar(dst, ':');
-	escape_json(dst, value);
+	append_json_string(dst, value);
 	appendStringInfoChar(dst, '}');
 	*first = false;
 }
@@ -121,17 +204,17 @@ append_identifiers(StringInfo dst, const XcapiConversion *conv)
 		appendStringInfoString(dst, first ? "{" : ",{");
 		if (conv->ip_address)
 		{
-			escape_json(dst, "ip_address");
+			append_json_string(dst, "ip_address");
 			appendStringInfoChar(dst, ':');
-			escape_json(dst, conv->ip_address);
+			append_json_string(dst, conv->ip_address);
 		}
 		if (conv->user_agent)
 		{
 			if (conv->ip_address)
 				appendStringInfoChar(dst, ',');
-			escape_json(dst, "user_agent");
+			append_json_string(dst, "user_agent");
 			appendStringInfoChar(dst, ':');
-			escape_json(dst, conv->user_agent);
+			append_json_string(dst, conv->user_agent);
 		}
 		appendStringInfoChar(dst, '}');
 	}

@@ -265,6 +265,7 @@ _PG_init(void)
 {
 	define_settings();
 	RegisterXactCallback(xcapi_xact_callback, NULL);
+	xcapi_outbox_init();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

@@ -211,15 +211,23 @@ typedef struct XcapiClaimed
 	int			attempts;
 } XcapiClaimed;
 
+/* A new outbox row: what the caller gives; the rest are column defaults. */
+typedef struct XcapiQueuedRow
+{
+	int64		id;
+	const char *pixel;
+	const char *event_id;
+	const char *conversion_id;
+	TimestampTz conversion_time;
+	const char *payload;		/* the conversion object's JSON, as sent */
+} XcapiQueuedRow;
+
 extern bool xcapi_outbox_lookup_schema(void);
 extern const char *xcapi_outbox_schema(void);
 extern const char *xcapi_outbox_schema_raw(void);
 extern int64 xcapi_outbox_next_id(void);
-extern void xcapi_outbox_insert(int64 id, const char *pixel,
-								const char *event_id,
-								const char *conversion_id,
-								TimestampTz conversion_time,
-								const char *payload);
+extern void xcapi_outbox_init(void);
+extern void xcapi_outbox_insert(const XcapiQueuedRow *row, bool batchable);
 extern int	xcapi_outbox_repair(void);
 extern int	xcapi_outbox_claim(int limit, ArrayType *paused_pixels,
 							   XcapiClaimed **rows);
