@@ -16,6 +16,8 @@
 #   --no-build       use the installed xcapi.so instead of make && make install
 #   --keep           keep the work directory in /tmp (valgrind logs)
 #
+# Half the clean drain's conversions are enqueued by xcapi_fire, half by an
+# AFTER ROW xcapi_fire_trigger (whose rows a backend writes per statement).
 # The postmaster runs under valgrind (memcheck, --leak-check=full,
 # --trace-children=yes, suppressions from bench/valgrind.supp); the worker
 # and every other child is a forked copy and is checked too, each with its
@@ -124,10 +126,24 @@ printf '  sink        t/mock_x.py https://127.0.0.1:%s; xcapi.batch_size = %s\n'
 printf '  worker      pid %s\n' "$WPID"
 printf '  xcapi.*     %s\n' "$(xcapi_settings)"
 
-xc_step "Clean drain: $ROWS conversions"
+xc_step "Clean drain: $ROWS conversions (half by xcapi_fire, half by a trigger)"
 T0=$EPOCHREALTIME
+HALF=$((ROWS / 2))
 psqlb -c "SELECT count(xcapi_fire('o8z6j', 'tw-o8z6j-o8z2x', conversion_id => 'c' || g,
-    email => 'u' || g || '@example.com', value => g % 1000)) FROM generate_series(1, $ROWS) AS g" >/dev/null
+    email => 'u' || g || '@example.com', value => g % 1000)) FROM generate_series(1, $HALF) AS g" >/dev/null
+# the trigger's rows are written per statement (several batches here), and
+# a rolled-back savepoint drops its own
+psqlb >/dev/null <<EOF
+CREATE TABLE orders (id bigint PRIMARY KEY, email text, amount numeric);
+CREATE TRIGGER orders_to_x AFTER INSERT ON orders FOR EACH ROW
+    EXECUTE FUNCTION xcapi_fire_trigger('o8z6j', 'tw-o8z6j-o8z2x', 'email=email', 'value=amount');
+BEGIN;
+INSERT INTO orders SELECT g, 't' || g || '@example.com', g % 1000 FROM generate_series(1, $((ROWS - HALF))) AS g;
+SAVEPOINT s;
+INSERT INTO orders SELECT -g, 'r' || g || '@example.com', 1 FROM generate_series(1, 1500) AS g;
+ROLLBACK TO SAVEPOINT s;
+COMMIT;
+EOF
 n=$(wait_done "$ROWS" 400)
 snapshot_types
 xc_info "$n of $ROWS sent or dead after $(awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s"

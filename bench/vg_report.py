@@ -102,9 +102,12 @@ def main():
                 return "-"
             lo, hi = min(vals), max(vals)
             return "{:,}".format(lo) if lo == hi else "{:,}..{:,}".format(lo, hi)
-        print("%-36s %12s %12s %12s %16s" % (
+        errs = sorted(o["errs"] for o in others if o["errs"] is not None)
+        print("%-36s %12s %12s %12s %16s %7s" % (
             "client backends (%d, psql)" % len(others), rng("definitely lost"),
-            rng("indirectly lost"), rng("possibly lost"), rng("still reachable")))
+            rng("indirectly lost"), rng("possibly lost"), rng("still reachable"),
+            "-" if not errs else (fmt(errs[0]) if errs[0] == errs[-1]
+                                  else "%s..%s" % (fmt(errs[0]), fmt(errs[-1])))))
 
     pm = parsed.get(pm_pid)
     pm_sigs = {sig for sig, _ in pm["records"]} if pm else set()
@@ -141,6 +144,20 @@ def main():
             for l in stack.splitlines()[:8]:
                 print("        " + l.strip())
         print("  log: %s" % logs[pid])
+
+    # the backends run xcapi_fire and the trigger's batched writes
+    if others and pm:
+        own = {}
+        for o in others:
+            for head, stack in re.findall(ERR_RE, o["text"], re.M):
+                if head not in pm_errs:
+                    own.setdefault(head, stack)
+        print("\n== client backends: memcheck errors the postmaster does not have: %d ==" % len(own))
+        for head, stack in list(own.items())[:5]:
+            mark = "   <-- xcapi/curl/openssl frame" if interesting.search(stack) else ""
+            print("    " + head + mark)
+            for l in stack.splitlines()[:8]:
+                print("        " + l.strip())
 
 
 if __name__ == "__main__":

@@ -313,11 +313,14 @@ insert_directly(const XcapiQueuedRow *row)
 }
 
 /*
- * n heap tuple slots for rows of desc, made once per transaction: making
- * and dropping a slot per row costs more than the multi-insert saves.
- * They use a copy of the descriptor, so they pin nothing; the tuples they
- * hold belong to the caller's memory context.
+ * n heap tuple slots for rows of desc, kept from one flush to the next:
+ * making and dropping a slot per row costs more than the multi-insert
+ * saves.  They use a copy of the descriptor, so they pin nothing and can
+ * outlive the transaction; the tuples they hold belong to the caller's
+ * memory context and are cleared after each use.
  */
+#define SLOTS_KEPT 64			/* kept across transactions */
+
 static MemoryContext slots_context = NULL;
 static TupleDesc slots_desc = NULL;
 static TupleTableSlot **slots = NULL;
@@ -335,7 +338,7 @@ flush_slots(TupleDesc desc, int n)
 	}
 	if (slots_context == NULL)
 	{
-		slots_context = AllocSetContextCreate(TopTransactionContext,
+		slots_context = AllocSetContextCreate(TopMemoryContext,
 											  "xcapi flush slots",
 											  ALLOCSET_DEFAULT_SIZES);
 		old = MemoryContextSwitchTo(slots_context);
@@ -585,7 +588,8 @@ insert_through_spi(const XcapiQueuedRow *row)
  * only ever written while its own subtransaction (or a child of it that
  * is committing) is current, so it lives or dies with the right one.
  * What is left at commit or PREPARE is written then; an abort discards
- * all.  The rows live in a child of TopTransactionContext.
+ * all.  The contexts and the list are made once per backend and reset,
+ * so a one-row transaction pays for no context creation.
  */
 typedef struct PendingRow
 {
@@ -593,10 +597,10 @@ typedef struct PendingRow
 	SubTransactionId subxid;
 } PendingRow;
 
-static MemoryContext pending_context = NULL;
-static PendingRow *pending = NULL;	/* grows to PENDING_MAX */
+static MemoryContext pending_context = NULL;	/* the rows' strings */
+static MemoryContext flush_context = NULL;	/* reset around each flush */
+static PendingRow *pending = NULL;	/* PENDING_MAX entries */
 static int	n_pending = 0;
-static int	pending_capacity = 0;
 static int	executor_finish_depth = 0;
 static ExecutorFinish_hook_type prev_executor_finish = NULL;
 
@@ -607,7 +611,6 @@ static ExecutorFinish_hook_type prev_executor_finish = NULL;
 static void
 flush_pending(SubTransactionId subxid)
 {
-	MemoryContext flush_context;
 	MemoryContext old;
 	XcapiQueuedRow **rows;
 	int			n = 0;
@@ -615,9 +618,7 @@ flush_pending(SubTransactionId subxid)
 
 	if (n_pending == 0)
 		return;
-	flush_context = AllocSetContextCreate(CurrentMemoryContext,
-										  "xcapi pending rows flush",
-										  ALLOCSET_DEFAULT_SIZES);
+	MemoryContextReset(flush_context);	/* a failed flush may have left some */
 	old = MemoryContextSwitchTo(flush_context);
 	rows = palloc(sizeof(XcapiQueuedRow *) * n_pending);
 	for (int i = 0; i < n_pending; i++)
@@ -630,14 +631,16 @@ flush_pending(SubTransactionId subxid)
 			ereport(ERROR,
 					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					 errmsg("extension \"xcapi\" is not installed in this database")));
-		if (direct_insert)
+		if (direct_insert && n == 1)
+			insert_directly(rows[0]);
+		else if (direct_insert)
 			insert_many_directly(rows, n);
 		else
 			for (int i = 0; i < n; i++)
 				insert_through_spi(rows[i]);
 	}
 	MemoryContextSwitchTo(old);
-	MemoryContextDelete(flush_context);
+	MemoryContextReset(flush_context);
 
 	for (int i = 0; i < n_pending; i++)
 		if (!(subxid == InvalidSubTransactionId || pending[i].subxid == subxid))
@@ -656,12 +659,14 @@ add_pending(const XcapiQueuedRow *row)
 
 	if (pending_context == NULL)
 	{
-		pending_context = AllocSetContextCreate(TopTransactionContext,
+		pending_context = AllocSetContextCreate(TopMemoryContext,
 												"xcapi pending rows",
 												ALLOCSET_DEFAULT_SIZES);
-		pending_capacity = 16;
-		pending = MemoryContextAlloc(TopTransactionContext,
-									 sizeof(PendingRow) * pending_capacity);
+		flush_context = AllocSetContextCreate(TopMemoryContext,
+											  "xcapi pending rows flush",
+											  ALLOCSET_DEFAULT_SIZES);
+		pending = MemoryContextAlloc(TopMemoryContext,
+									 sizeof(PendingRow) * PENDING_MAX);
 	}
 
 	/*
@@ -678,11 +683,6 @@ add_pending(const XcapiQueuedRow *row)
 		return;
 	}
 
-	if (n_pending == pending_capacity)
-	{
-		pending_capacity = Min(pending_capacity * 2, PENDING_MAX);
-		pending = repalloc(pending, sizeof(PendingRow) * pending_capacity);
-	}
 	old = MemoryContextSwitchTo(pending_context);
 	p = &pending[n_pending];
 	p->row.id = row->id;
@@ -754,15 +754,21 @@ outbox_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PREPARE:
 		case XACT_EVENT_PARALLEL_COMMIT:
 		case XACT_EVENT_PARALLEL_ABORT:
-			/* both went with TopTransactionContext */
-			pending_context = NULL;
-			pending = NULL;
-			n_pending = pending_capacity = 0;
-			slots_context = NULL;
-			slots_desc = NULL;
-			slots = NULL;
-			n_slots = 0;
+			/* nothing is pending after commit; an abort drops what was */
+			n_pending = 0;
+			if (pending_context)
+			{
+				MemoryContextReset(pending_context);
+				MemoryContextReset(flush_context);
+			}
 			executor_finish_depth = 0;
+			/* an idle backend keeps a few slots, not a bulk load's worth */
+			if (n_slots > SLOTS_KEPT)
+			{
+				MemoryContextDelete(slots_context);
+				slots_context = NULL;
+				n_slots = 0;
+			}
 			break;
 		default:
 			break;
