@@ -149,6 +149,16 @@ INSERT INTO orders VALUES (7001, 'p@example.com'), (7002, 'refuse@example.com'),
 SELECT event_id, string_agg(conversion_id, ', ' ORDER BY conversion_id) AS queued
   FROM xcapi_conversions WHERE conversion_id ~ '^(orders|refunds)-700[1-4]$'
  GROUP BY event_id ORDER BY event_id;
+-- the same with 1,000 order rows waiting when the last order's refund
+-- fires: that refund cannot wait with them and is written at once, inside
+-- the block, which then fails and takes it back
+INSERT INTO orders
+SELECT 20000 + g, CASE WHEN g = 1000 THEN 'undo@example.com' ELSE 'b' || g || '@example.com' END
+  FROM generate_series(1, 1000) g;
+SELECT count(*) FILTER (WHERE event_id = 'ord01') AS orders_queued,
+       count(*) FILTER (WHERE event_id = 'ref01') AS refunds_queued,
+       count(*) FILTER (WHERE conversion_id = 'refunds-21000') AS undone_refund
+  FROM xcapi_conversions WHERE conversion_id ~ '^(orders|refunds)-2[01][0-9]{3}$';
 DROP TRIGGER orders_z_refund ON orders;
 
 -- a deferred constraint trigger fires at commit, and its rows are kept
