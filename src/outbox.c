@@ -218,20 +218,28 @@ given_values(Datum *values, const XcapiQueuedRow *row)
 
 /*
  * The queued row's values in the table's column order, as the executor
- * would make them for this table (see can_insert_directly): the given
- * values and the columns' defaults.  values and nulls have desc->natts
- * entries.
+ * would make them for this table (see can_insert_directly): the six given
+ * values (see given_values) and the columns' defaults.  values and nulls
+ * have desc->natts entries.
  */
 static void
-queued_row_values(TupleDesc desc, const XcapiQueuedRow *row, Datum *values,
+queued_row_values(TupleDesc desc, const Datum *given_datums, Datum *values,
 				  bool *nulls)
 {
+	static Datum queued_status = (Datum) 0; /* 'queued', made once */
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 	Datum		given[NUM_OUTBOX_COLUMNS];
 	bool		given_null[NUM_OUTBOX_COLUMNS] = {0};
 
-	given_values(given, row);
-	given[6] = CStringGetTextDatum("queued");
+	if (queued_status == (Datum) 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		queued_status = CStringGetTextDatum("queued");
+		MemoryContextSwitchTo(old);
+	}
+	memcpy(given, given_datums, sizeof(Datum) * NUM_GIVEN_COLUMNS);
+	given[6] = queued_status;
 	given[7] = Int32GetDatum(0);
 	given[8] = TimestampTzGetDatum(now);	/* the column defaults: now() */
 	given_null[9] = given_null[10] = given_null[11] = true;
@@ -291,9 +299,9 @@ insert_index_entries(Relation rel, Relation *idx, Datum *values, bool *nulls,
 	}
 }
 
-/* Insert one queued row into the heap and every index. */
+/* Insert one queued row (given: see given_values) into the heap and indexes. */
 static void
-insert_directly(const XcapiQueuedRow *row)
+insert_directly(const Datum *given)
 {
 	Relation	rel = table_open(table_oid, RowExclusiveLock);
 	TupleDesc	desc = RelationGetDescr(rel);
@@ -302,7 +310,7 @@ insert_directly(const XcapiQueuedRow *row)
 	Relation   *idx;
 	HeapTuple	tup;
 
-	queued_row_values(desc, row, values, nulls);
+	queued_row_values(desc, given, values, nulls);
 	tup = heap_form_tuple(desc, values, nulls);
 	simple_heap_insert(rel, tup);
 	idx = open_outbox_indexes();
@@ -323,7 +331,7 @@ insert_directly(const XcapiQueuedRow *row)
 
 static MemoryContext slots_context = NULL;
 static TupleDesc slots_desc = NULL;
-static TupleTableSlot **slots = NULL;
+static TupleTableSlot **kept_slots = NULL;
 static int	n_slots = 0;
 
 static TupleTableSlot **
@@ -343,16 +351,17 @@ flush_slots(TupleDesc desc, int n)
 											  ALLOCSET_DEFAULT_SIZES);
 		old = MemoryContextSwitchTo(slots_context);
 		slots_desc = CreateTupleDescCopyConstr(desc);
-		slots = palloc(sizeof(TupleTableSlot *) * PENDING_MAX);
+		kept_slots = palloc(sizeof(TupleTableSlot *) * PENDING_MAX);
 		n_slots = 0;
 		MemoryContextSwitchTo(old);
 	}
 	Assert(n <= PENDING_MAX);
 	old = MemoryContextSwitchTo(slots_context);
 	while (n_slots < n)
-		slots[n_slots++] = MakeSingleTupleTableSlot(slots_desc, &TTSOpsHeapTuple);
+		kept_slots[n_slots++] = MakeSingleTupleTableSlot(slots_desc,
+														 &TTSOpsHeapTuple);
 	MemoryContextSwitchTo(old);
-	return slots;
+	return kept_slots;
 }
 
 /*
@@ -362,7 +371,7 @@ flush_slots(TupleDesc desc, int n)
  * (short-lived) memory context.
  */
 static void
-insert_many_directly(XcapiQueuedRow **rows, int n)
+insert_many_directly(Datum **given, int n)
 {
 	Relation	rel = table_open(table_oid, RowExclusiveLock);
 	TupleDesc	desc = RelationGetDescr(rel);
@@ -375,7 +384,7 @@ insert_many_directly(XcapiQueuedRow **rows, int n)
 	{
 		values[i] = palloc(sizeof(Datum) * desc->natts);
 		nulls[i] = palloc(sizeof(bool) * desc->natts);
-		queued_row_values(desc, rows[i], values[i], nulls[i]);
+		queued_row_values(desc, given[i], values[i], nulls[i]);
 		ExecStoreHeapTuple(heap_form_tuple(desc, values[i], nulls[i]),
 						   slots[i], false);
 	}
@@ -541,7 +550,7 @@ xcapi_outbox_next_id(void)
  * that honours whatever was added to the table (see can_insert_directly).
  */
 static void
-insert_through_spi(const XcapiQueuedRow *row)
+insert_through_spi(const Datum *given)
 {
 	Oid			save_userid;
 	int			save_sec_context;
@@ -553,7 +562,6 @@ insert_through_spi(const XcapiQueuedRow *row)
 	{
 		Oid			types[NUM_GIVEN_COLUMNS] = {INT8OID, TEXTOID, TEXTOID,
 		TEXTOID, TIMESTAMPTZOID, JSONOID};
-		Datum		values[NUM_GIVEN_COLUMNS];
 		SPIPlanPtr	plan;
 
 		if (SPI_connect() != SPI_OK_CONNECT)
@@ -562,8 +570,7 @@ insert_through_spi(const XcapiQueuedRow *row)
 						"INSERT INTO %s.xcapi_conversions "
 						"(id, pixel_id, event_id, conversion_id, conversion_time, payload) "
 						"VALUES ($1, $2, $3, $4, $5, $6)", NUM_GIVEN_COLUMNS, types);
-		given_values(values, row);
-		run_plan(plan, values, NULL, SPI_OK_INSERT);
+		run_plan(plan, (Datum *) given, NULL, SPI_OK_INSERT);
 		SPI_finish();
 	}
 	PG_FINALLY();
@@ -593,16 +600,20 @@ insert_through_spi(const XcapiQueuedRow *row)
  */
 typedef struct PendingRow
 {
-	XcapiQueuedRow row;
+	Datum		given[NUM_GIVEN_COLUMNS];	/* see given_values */
 	SubTransactionId subxid;
 } PendingRow;
 
-static MemoryContext pending_context = NULL;	/* the rows' strings */
+static MemoryContext pending_context = NULL;	/* the rows' text values */
 static MemoryContext flush_context = NULL;	/* reset around each flush */
 static PendingRow *pending = NULL;	/* PENDING_MAX entries */
 static int	n_pending = 0;
 static int	executor_finish_depth = 0;
 static ExecutorFinish_hook_type prev_executor_finish = NULL;
+
+/* Whether pending row i is one flush_pending(subxid) writes. */
+#define PENDING_OF(i, subxid) \
+	((subxid) == InvalidSubTransactionId || pending[i].subxid == (subxid))
 
 /*
  * Write the pending rows of subtransaction subxid (all of them if subxid
@@ -612,7 +623,7 @@ static void
 flush_pending(SubTransactionId subxid)
 {
 	MemoryContext old;
-	XcapiQueuedRow **rows;
+	Datum	  **rows;
 	int			n = 0;
 	int			kept = 0;
 
@@ -620,10 +631,10 @@ flush_pending(SubTransactionId subxid)
 		return;
 	MemoryContextReset(flush_context);	/* a failed flush may have left some */
 	old = MemoryContextSwitchTo(flush_context);
-	rows = palloc(sizeof(XcapiQueuedRow *) * n_pending);
+	rows = palloc(sizeof(Datum *) * n_pending);
 	for (int i = 0; i < n_pending; i++)
-		if (subxid == InvalidSubTransactionId || pending[i].subxid == subxid)
-			rows[n++] = &pending[i].row;
+		if (PENDING_OF(i, subxid))
+			rows[n++] = pending[i].given;
 
 	if (n > 0)
 	{
@@ -643,7 +654,7 @@ flush_pending(SubTransactionId subxid)
 	MemoryContextReset(flush_context);
 
 	for (int i = 0; i < n_pending; i++)
-		if (!(subxid == InvalidSubTransactionId || pending[i].subxid == subxid))
+		if (!PENDING_OF(i, subxid))
 			pending[kept++] = pending[i];
 	n_pending = kept;
 	if (n_pending == 0)
@@ -679,18 +690,16 @@ add_pending(const XcapiQueuedRow *row)
 		flush_pending(subxid);
 	if (n_pending >= PENDING_MAX)
 	{
-		insert_directly(row);
+		Datum		given[NUM_GIVEN_COLUMNS];
+
+		given_values(given, row);
+		insert_directly(given);
 		return;
 	}
 
 	old = MemoryContextSwitchTo(pending_context);
 	p = &pending[n_pending];
-	p->row.id = row->id;
-	p->row.pixel = pstrdup(row->pixel);
-	p->row.event_id = pstrdup(row->event_id);
-	p->row.conversion_id = pstrdup(row->conversion_id);
-	p->row.conversion_time = row->conversion_time;
-	p->row.payload = pstrdup(row->payload);
+	given_values(p->given, row);
 	p->subxid = subxid;
 	n_pending++;
 	MemoryContextSwitchTo(old);
@@ -795,12 +804,18 @@ xcapi_outbox_init(void)
 void
 xcapi_outbox_insert(const XcapiQueuedRow *row, bool batchable)
 {
-	if (!direct_insert)
-		insert_through_spi(row);
-	else if (batchable && executor_finish_depth > 0)
+	Datum		given[NUM_GIVEN_COLUMNS];
+
+	if (direct_insert && batchable && executor_finish_depth > 0)
+	{
 		add_pending(row);
+		return;
+	}
+	given_values(given, row);
+	if (direct_insert)
+		insert_directly(given);
 	else
-		insert_directly(row);
+		insert_through_spi(given);
 }
 
 /*

@@ -82,11 +82,8 @@ append_x_time(StringInfo dst, TimestampTz ts)
 	fsec_t		fsec;
 
 	if (TIMESTAMP_NOT_FINITE(ts) ||
-		timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
-				 errmsg("argument \"conversion_time\" is out of range")));
-	if (tm.tm_year < 0 || tm.tm_year > 9999)
+		timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0 ||
+		tm.tm_year < 0 || tm.tm_year > 9999)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
 				 errmsg("argument \"conversion_time\" is out of range")));
