@@ -56,45 +56,10 @@ sub reload_with
 	usleep(500_000);
 }
 
-# Queue $n conversions of $pixel with conversion_ids "$prefix<g>", g from
-# $from (default 1), in one transaction.
-sub fire
-{
-	my ($pixel, $prefix, $n, $from) = @_;
-	$from //= 1;
-	my $to = $from + $n - 1;
-	return sql(<<"EOS");
-SELECT count(xcapi_fire('$pixel', 'tw-$pixel-o8z2x',
-                        conversion_id => '$prefix' || g,
-                        email => '$prefix' || g || '\@example.com'))
-  FROM generate_series($from, $to) g
-EOS
-}
-
-sub pending
-{
-	my ($pixel) = @_;
-	return sql("SELECT count(*) FROM xcapi_conversions WHERE pixel_id = '$pixel' AND status IN ('queued', 'sending')");
-}
-
-# "dead=1 sent=499": rows of a pixel by status.
-sub statuses
-{
-	my ($pixel) = @_;
-	return sql("SELECT coalesce(string_agg(status || '=' || n, ' ' ORDER BY status), '') FROM (SELECT status, count(*) n FROM xcapi_conversions WHERE pixel_id = '$pixel' GROUP BY status) s");
-}
-
-sub log_offset
-{
-	return -s $node->logfile;
-}
-
-sub log_since
-{
-	my ($offset) = @_;
-	my $log = PostgreSQL::Test::Utils::slurp_file($node->logfile);
-	return substr($log, $offset // 0);
-}
+sub fire     { return fire_conversions($node, @_); }
+sub pending  { return pending_count($node, $_[0]); }
+sub statuses { return status_counts($node, $_[0]); }
+sub log_offset { return -s $node->logfile; }
 
 sub ids_of
 {
@@ -280,7 +245,7 @@ reload_with("xcapi.batch_size = 500\nxcapi.request_timeout = 10000\n");
 	cmp_ok(@after ? $after[0]{t} - $reset : 99, '<', 10,
 		'(b) and the held rows went out soon after the reset');
 
-	my $log = log_since($log0);
+	my $log = log_since($node, $log0);
 	my @lines = $log =~ /^.*X rate-limited pixel "$pixel".*$/mg;
 	is(scalar(@lines), 1, '(b) one LOG line for the 429 window, not one per 429')
 	  or diag join("\n", @lines);
@@ -444,7 +409,7 @@ reload_with("xcapi.batch_size = 500\nxcapi.request_timeout = 10000\n");
 	is(scalar(grep { ($_->{status} // 0) != 401 } $mock->requests_since($mark, $pixel)), 0,
 		'(f) every request so far was refused with 401');
 
-	my $log = log_since($log0);
+	my $log = log_since($node, $log0);
 	my @warn = $log =~ /^.*WARNING:.*$/mg;
 	my @ours = grep { /cannot send conversions of pixel "\Q$pixel\E"/ } @warn;
 	is(scalar(@ours), 1, '(f) exactly one WARNING naming the pixel')
@@ -549,7 +514,7 @@ reload_with("xcapi.batch_size = 500\nxcapi.request_timeout = 10000\n");
 	# usage of second s counts until the end of second s + window, so no
 	# real-time window of that length holds more than the budget
 	cmp_ok($max_any, '<=', $budget, "(g) no 3-s window at all holds more than $budget");
-	my @lines = log_since($log0) =~ /^.*used its rate budget.*$/mg;
+	my @lines = log_since($node, $log0) =~ /^.*used its rate budget.*$/mg;
 	note sprintf('(g) %d LOG lines about the budget', scalar @lines);
 
 	reload_with("xcapi.rate_limit_events = 60000\nxcapi.rate_window = 900\n");

@@ -45,34 +45,9 @@ sub sql
 	return $node->safe_psql('postgres', $_[0]);
 }
 
-sub fire
-{
-	my ($pixel, $prefix, $count) = @_;
-	return sql(<<"EOS");
-SELECT count(xcapi_fire('$pixel', 'tw-$pixel-o8z2x',
-                        conversion_id => '$prefix' || g,
-                        email => '$prefix' || g || '\@example.com'))
-  FROM generate_series(1, $count) g
-EOS
-}
-
-sub pending
-{
-	my ($pixel) = @_;
-	return sql("SELECT count(*) FROM xcapi_conversions WHERE pixel_id = '$pixel' AND status IN ('queued', 'sending')");
-}
-
-sub statuses
-{
-	my ($pixel) = @_;
-	return sql("SELECT coalesce(string_agg(status || '=' || n, ' ' ORDER BY status), '') FROM (SELECT status, count(*) n FROM xcapi_conversions WHERE pixel_id = '$pixel' GROUP BY status) s");
-}
-
-sub log_since
-{
-	my ($offset) = @_;
-	return substr(PostgreSQL::Test::Utils::slurp_file($node->logfile), $offset);
-}
+sub fire     { return fire_conversions($node, @_); }
+sub pending  { return pending_count($node, $_[0]); }
+sub statuses { return status_counts($node, $_[0]); }
 
 # The worker's pid while it is in the middle of a send round: the round
 # began 0.15 to 0.6 s ago (its requests have reached the mock, whose
@@ -128,7 +103,7 @@ sub check_drained
 			$what, scalar(@ids), scalar(@inflight)))
 	  or diag "not resent: @lost[0 .. min(9, $#lost)]";
 
-	my @requeued = log_since($log0) =~ /re-queued ([0-9]+) conversions that were in flight/g;
+	my @requeued = log_since($node, $log0) =~ /re-queued ([0-9]+) conversions that were in flight/g;
 	note sprintf('%s: %d requests (%s); %d conversions received more than once; re-queue log lines: %s',
 		$what, scalar(@req),
 		join(', ', map { my $s = $_; "$s: " . scalar(grep { ($_->{status} // 'none') eq $s } @req) }
@@ -161,7 +136,7 @@ $mock->set_faults({ delay_ms => 1000 });
 	# its own crash cycle; the immediate stop cuts into that).
 	ok( wait_until(
 			sub {
-				log_since($log0) =~ /background worker "xcapi worker" \(PID $pid\) was terminated by signal 9/;
+				log_since($node, $log0) =~ /background worker "xcapi worker" \(PID $pid\) was terminated by signal 9/;
 			},
 			30,
 			'postmaster notices the killed worker'),
@@ -202,7 +177,7 @@ $mock->set_faults({ delay_ms => 1000 });
 			'a new worker after SIGTERM'),
 		'SIGTERM: a new worker took over');
 	check_drained('SIGTERM', $pixel, 's-', $mark, $log0, $t_term);
-	like(log_since($log0), qr/terminating background worker "xcapi worker" due to administrator command/,
+	like(log_since($node, $log0), qr/terminating background worker "xcapi worker" due to administrator command/,
 		'SIGTERM: the worker stopped on the administrator command');
 	note sprintf('SIGTERM: %.1f s from commit to drained', time() - $t0);
 }

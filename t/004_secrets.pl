@@ -162,22 +162,13 @@ my @error_texts;    # every error message collected, scanned at the end
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
-sub until_sql
-{
-	my ($q, $want, $timeout, $what) = @_;
-	my $got;
-	my $ok = wait_until(sub { ($got = sql($q)) eq $want }, $timeout, $what);
-	diag "last answer: $got" unless $ok;
-	return $ok;
-}
 
-sub log_from { my $t = PostgreSQL::Test::Utils::slurp_file($node->logfile); return substr($t, $_[0]); }
 
 sub wait_log
 {
 	my ($re, $off, $timeout, $what) = @_;
 	my $m;
-	wait_until(sub { ($m) = log_from($off) =~ /($re)/; defined $m }, $timeout, $what);
+	wait_until(sub { ($m) = log_since($node, $off) =~ /($re)/; defined $m }, $timeout, $what);
 	return $m;
 }
 
@@ -264,11 +255,11 @@ $mock = start_mock(dir => $mock->dir, port => $mock->port, mock_opts($S{NEW}));
 $mark = $mock->mark;
 my $off = -s $node->logfile;
 fire_each('rot-old');
-ok( until_sql(
+ok( until_sql($node,
 		"SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'rot-old-%' AND status = 'queued' AND last_http_status = 401",
 		'5', 30, 'old secrets refused'),
 	'with the OLD secrets every pixel gets 401 and its row stays queued');
-ok( until_sql("SELECT string_agg(pixel_id || '=' || coalesce(pause_reason, '-'), ',' ORDER BY pixel_id) FROM xcapi_pixel_state()",
+ok( until_sql($node, "SELECT string_agg(pixel_id || '=' || coalesce(pause_reason, '-'), ',' ORDER BY pixel_id) FROM xcapi_pixel_state()",
 		join(',', map { "$_=credentials rejected" } @PIXELS), 10, 'pixel state published'),
 	'xcapi_pixel_state: every pixel "credentials rejected"');
 {
@@ -285,7 +276,7 @@ $mark = $mock->mark;
 $off = -s $node->logfile;
 my $t_reload = time();
 $node->reload;
-ok( until_sql("SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'rot-old-%' AND status = 'sent'",
+ok( until_sql($node, "SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'rot-old-%' AND status = 'sent'",
 		'5', 30, 'held rows sent after reload'),
 	'after the reload the held rows are sent with the NEW secrets');
 at_once($t_reload, 'the held rows');
@@ -302,7 +293,7 @@ is(worker_pid($node), $worker, 'same worker process: no restart needed');
 
 $node->append_conf('postgresql.conf', "log_min_messages = debug2\nlog_statement = 'all'\n");
 $node->reload;
-ok(until_sql('SHOW log_statement', 'all', 10, 'log_statement all'), 'now log_min_messages = debug2, log_statement = all');
+ok(until_sql($node, 'SHOW log_statement', 'all', 10, 'log_statement all'), 'now log_min_messages = debug2, log_statement = all');
 write_file_mode($creds, "# rewritten\n" . creds_text($S{NEW}));
 $node->reload;
 $mark = $mock->mark;
@@ -320,18 +311,18 @@ $node->reload;
 {
 	my $w = wait_log(qr/WARNING:  credentials file "\Q$creds\E" has group or world access[^\n]*/, $off, 20, 'group access warning');
 	ok($w, 'chmod 640: a WARNING names the file and "group or world access"') and note "log: $w";
-	like(log_from($off), qr/HINT:  Run "chmod 600 \Q$creds\E"/, 'with a hint to chmod 600');
+	like(log_since($node, $off), qr/HINT:  Run "chmod 600 \Q$creds\E"/, 'with a hint to chmod 600');
 }
 $mark = $mock->mark;
 sql(<<'EOS');
 SELECT xcapi_fire('o8z6j', 'tw-o8z6j-abc12', conversion_id => 'perm-o8z6j-' || g, email => 'p' || g || '@example.com') FROM generate_series(1, 2) g;
 SELECT xcapi_fire('p0tok', 'tw-p0tok-abc12', conversion_id => 'perm-p0tok-1', email => 'pt@example.com');
 EOS
-ok( until_sql(
+ok( until_sql($node,
 		"SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'perm-%' AND status = 'queued' AND attempts = 0 AND last_error LIKE 'no usable credentials%'",
 		'3', 30, 'rows held for lack of credentials'),
 	'the rows stay queued (attempt not counted), last_error "no usable credentials..."');
-ok( until_sql("SELECT string_agg(pixel_id || '=' || coalesce(pause_reason, '-'), ',' ORDER BY pixel_id) FROM xcapi_pixel_state() WHERE pixel_id IN ('o8z6j', 'p0tok')",
+ok( until_sql($node, "SELECT string_agg(pixel_id || '=' || coalesce(pause_reason, '-'), ',' ORDER BY pixel_id) FROM xcapi_pixel_state() WHERE pixel_id IN ('o8z6j', 'p0tok')",
 		'o8z6j=no usable credentials,p0tok=no usable credentials', 10, 'pixel state published'),
 	'xcapi_pixel_state says "no usable credentials"');
 note 'last_error: ' . sql("SELECT DISTINCT last_error FROM xcapi_conversions WHERE conversion_id LIKE 'perm-%'");
@@ -341,7 +332,7 @@ is(status_of('perm'), 'queued:3', 'nothing sent, nothing dead');
 chmod 0600, $creds;
 $t_reload = time();
 $node->reload;
-ok(until_sql("SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'perm-%' AND status = 'sent'", '3', 30, 'sent after chmod 600'),
+ok(until_sql($node, "SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'perm-%' AND status = 'sent'", '3', 30, 'sent after chmod 600'),
 	'chmod 600 and reload: the held rows are sent');
 at_once($t_reload, 'after chmod 600, the held rows');
 is(join(',', sort map { "$_->{pixel}/$_->{status}" } $mock->requests($mark)), 'o8z6j/200,p0tok/200',
@@ -352,9 +343,9 @@ chmod 0400, $creds;
 $off = -s $node->logfile;
 $node->reload;
 sql("SELECT xcapi_fire('o8z6j', 'tw-o8z6j-abc12', conversion_id => 'perm-ro-1', email => 'ro\@example.com')");
-ok(until_sql("SELECT status FROM xcapi_conversions WHERE conversion_id = 'perm-ro-1'", 'sent', 30, 'sent with 0400'),
+ok(until_sql($node, "SELECT status FROM xcapi_conversions WHERE conversion_id = 'perm-ro-1'", 'sent', 30, 'sent with 0400'),
 	'chmod 400 (stricter): accepted, delivered');
-unlike(log_from($off), qr/credentials file[^\n]*has group or world access/, 'no WARNING for 0400');
+unlike(log_since($node, $off), qr/credentials file[^\n]*has group or world access/, 'no WARNING for 0400');
 chmod 0600, $creds;
 
 ######################################################################
@@ -380,7 +371,7 @@ for my $c (@cases)
 	my $w = wait_log(qr/WARNING:  syntax error in credentials file "\Q$creds\E", line \d+[^\n]*\n[^\n]*/, $off, 20, "syntax warning ($what)");
 	ok($w && $w =~ /line $lineno\b/, "$what: WARNING names the file and line $lineno") and note "log: $w";
 	like($w // '', $detail, "$what: the detail says what is wrong");
-	my $new_log = log_from($off);
+	my $new_log = log_since($node, $off);
 	my @leaked = grep { index($new_log, $_) >= 0 } @ALL_SECRETS;
 	ok(!@leaked, "$what: no value echoed in the log") or diag "leaked: @leaked";
 }
@@ -393,7 +384,7 @@ for my $c (@cases)
 	$node->reload;
 	my $w = wait_log(qr/WARNING:  unrecognized name in credentials file "\Q$creds\E", line 4/, $off, 20, 'unknown name warning');
 	ok($w, 'an unknown name: WARNING names the file and line 4') and note "log: $w";
-	my $new_log = log_from($off);
+	my $new_log = log_since($node, $off);
 	ok(!grep({ index($new_log, $_) >= 0 } @ALL_SECRETS), 'unknown name: no value echoed');
 }
 # Name and value swapped: a secret stands where the name goes.  (Its own
@@ -409,12 +400,12 @@ for my $c (@cases)
 	$node->reload;
 	my $w = wait_log(qr/WARNING:  [^\n]*line 2\b[^\n]*/, $off, 20, 'swapped line warning');
 	ok($w, 'name and value swapped: a WARNING for line 2') and note "log: $w";
-	my $new_log = log_from($off);
+	my $new_log = log_since($node, $off);
 	ok(index($new_log, $tok) < 0, 'name and value swapped: the secret is not echoed');
 }
 $mark = $mock->mark;
 sql("SELECT xcapi_fire('o8z6j', 'tw-o8z6j-abc12', conversion_id => 'syntax-o8z6j-1', email => 's\@example.com')");
-ok( until_sql(
+ok( until_sql($node,
 		"SELECT count(*) FROM xcapi_conversions WHERE conversion_id = 'syntax-o8z6j-1' AND status = 'queued' AND last_error LIKE 'no usable credentials%'",
 		'1', 30, 'held while the file is broken'),
 	'while the file has an error, no credentials are used: the row stays queued');
@@ -422,7 +413,7 @@ is(scalar(my @r2 = $mock->requests($mark)), 0, 'and no request is made');
 write_file_mode($creds, $good);
 $t_reload = time();
 $node->reload;
-ok(until_sql("SELECT status FROM xcapi_conversions WHERE conversion_id = 'syntax-o8z6j-1'", 'sent', 30, 'sent after the fix'),
+ok(until_sql($node, "SELECT status FROM xcapi_conversions WHERE conversion_id = 'syntax-o8z6j-1'", 'sent', 30, 'sent after the fix'),
 	'file fixed and reloaded: sent');
 at_once($t_reload, 'after the fix, the held row');
 

@@ -37,16 +37,7 @@ END { on_failure_dump($node, $mock) if $node; }
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
-sub until_sql
-{
-	my ($q, $want, $timeout, $what) = @_;
-	my $got;
-	my $ok = wait_until(sub { ($got = sql($q)) eq $want }, $timeout, $what);
-	diag "last answer: $got" unless $ok;
-	return $ok;
-}
 
-sub log_from { return substr(PostgreSQL::Test::Utils::slurp_file($node->logfile), $_[0]); }
 
 sub status_of
 {
@@ -82,7 +73,7 @@ ok(wait_until(sub { worker_pid($node) =~ /^[0-9]+$/ }, 30, 'worker up'), 'the wo
 my $mark = $mock->mark;
 my $mock_log_off = -s $mock->{log};
 fire_n('tls', 20);
-ok( until_sql(
+ok( until_sql($node,
 		"SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'tls-%' AND status = 'queued' AND attempts >= 2 AND last_error LIKE '%SSL certificate problem%'",
 		'20', 30, 'rows retried after a certificate failure'),
 	'untrusted certificate: all 20 rows queued, retried (attempts >= 2), last_error "SSL certificate problem"');
@@ -105,7 +96,7 @@ is(scalar(my @r = $mock->requests($mark)), 0, 'the mock received no request');
 
 my $t_ca = time();
 reconfigure("xcapi.ca_file = '$mock->{ca}'\n");
-ok( until_sql("SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'tls-%' AND status = 'sent'", '20', 30, 'sent after ca_file'),
+ok( until_sql($node, "SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'tls-%' AND status = 'sent'", '20', 30, 'sent after ca_file'),
 	'xcapi.ca_file set and reloaded: all 20 sent');
 note sprintf('sent %.1f s after setting xcapi.ca_file', time() - $t_ca);
 {
@@ -123,14 +114,14 @@ my $req0 = worker_requests();
 my $off = -s $node->logfile;
 reconfigure("xcapi.api_url = 'http://ads-api.example.invalid'\n");
 fire_n('plain', 5);
-ok( until_sql(
+ok( until_sql($node,
 		"SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'plain-%' AND status = 'queued' AND attempts = 0 AND last_http_status IS NULL AND last_error = 'no usable credentials: xcapi.api_url is plain HTTP to a non-loopback host'",
 		'5', 30, 'plain http refused'),
 	'http://ads-api.example.invalid: rows stay queued, attempt not counted, last_error says why');
-ok(until_sql("SELECT pause_reason FROM xcapi_pixel_state() WHERE pixel_id = 'o8z6j'", 'xcapi.api_url is plain HTTP to a non-loopback host', 10, 'pixel state published'),
+ok(until_sql($node, "SELECT pause_reason FROM xcapi_pixel_state() WHERE pixel_id = 'o8z6j'", 'xcapi.api_url is plain HTTP to a non-loopback host', 10, 'pixel state published'),
 	'xcapi_pixel_state: the pause names the plain-HTTP URL');
 {
-	my ($w) = log_from($off) =~ /(WARNING:  xcapi: cannot send conversions of pixel "o8z6j": [^\n]*)/;
+	my ($w) = log_since($node, $off) =~ /(WARNING:  xcapi: cannot send conversions of pixel "o8z6j": [^\n]*)/;
 	like($w // '', qr/refusing to send credentials over plain HTTP to a non-loopback host; set xcapi\.api_url to an https:\/\/ URL/,
 		'a WARNING explains the refusal') and note "log: $w";
 }
@@ -139,7 +130,7 @@ is(scalar(my @r2 = $mock->requests($mark)), 0, 'the mock received nothing');
 
 my $t_reload = time();
 reconfigure("xcapi.api_url = '$mock->{url}'\n");
-ok(until_sql("SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'plain-%' AND status = 'sent'", '5', 30, 'sent after https again'),
+ok(until_sql($node, "SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'plain-%' AND status = 'sent'", '5', 30, 'sent after https again'),
 	'api_url back to https and reloaded: the 5 held rows are sent');
 {
 	my $dt = time() - $t_reload;
@@ -195,7 +186,7 @@ is(sql("SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'refused
 is(scalar(my @r3 = $mock->requests($mark)), 0, 'the mock received nothing meanwhile');
 
 reconfigure("xcapi.api_url = '$mock->{url}'\n");
-ok(until_sql("SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'refused-%' AND status = 'sent'", '3', 30, 'sent after the port is fixed'),
+ok(until_sql($node, "SELECT count(*) FROM xcapi_conversions WHERE conversion_id LIKE 'refused-%' AND status = 'sent'", '3', 30, 'sent after the port is fixed'),
 	'api_url fixed: the retried rows are sent (after their backoff)');
 {
 	my %acc;
@@ -286,7 +277,7 @@ for my $url (
 	my $n_before = () = proxy_seen();
 	reconfigure("xcapi.api_url = '$url'\n");
 	sql("SELECT xcapi_fire('o8z6j', 'tw-o8z6j-o8z2x', conversion_id => 'look-$i', email => 'look$i\@example.com')");
-	ok(until_sql("SELECT last_error IS NOT NULL FROM xcapi_conversions WHERE conversion_id = 'look-$i'", 't', 30, "look-$i handled"),
+	ok(until_sql($node, "SELECT last_error IS NOT NULL FROM xcapi_conversions WHERE conversion_id = 'look-$i'", 't', 30, "look-$i handled"),
 		"$url: the worker dealt with the row");
 	my @seen = proxy_seen();
 	my @new = @seen[ $n_before .. $#seen ];
@@ -305,7 +296,7 @@ for my $url (
 	my $n_before = () = proxy_seen();
 	reconfigure("xcapi.api_url = 'http://127.0.0.1:9'\n");
 	sql("SELECT xcapi_fire('o8z6j', 'tw-o8z6j-o8z2x', conversion_id => 'control', email => 'control\@example.com')");
-	ok(until_sql("SELECT last_error LIKE 'request failed:%' FROM xcapi_conversions WHERE conversion_id = 'control'", 't', 30, 'control attempted'),
+	ok(until_sql($node, "SELECT last_error LIKE 'request failed:%' FROM xcapi_conversions WHERE conversion_id = 'control'", 't', 30, 'control attempted'),
 		'control: http://127.0.0.1:9 is allowed and attempted');
 	my @seen = proxy_seen();
 	is(scalar(@seen) - $n_before, 0, 'control: cleartext did not go through the proxy');

@@ -32,6 +32,7 @@ use Time::HiRes qw(time usleep);
 our @EXPORT = qw(
   %CREDS start_mock write_credentials xcapi_node wait_until
   worker_pid row_summary sha256_hex on_failure_dump
+  fire_conversions pending_count status_counts log_since until_sql
 );
 
 # X's published example credentials (x-conversions-api.md 6.9.1): real
@@ -163,6 +164,58 @@ sub wait_until
 		}
 		usleep(50_000);
 	}
+}
+
+# Queue $n conversions of $pixel with conversion_ids "$prefix<g>", g from
+# $from (default 1), in one transaction; returns how many were queued.
+sub fire_conversions
+{
+	my ($node, $pixel, $prefix, $n, $from) = @_;
+	$from //= 1;
+	my $to = $from + $n - 1;
+	return $node->safe_psql('postgres', <<"EOS");
+SELECT count(xcapi_fire('$pixel', 'tw-$pixel-o8z2x',
+                        conversion_id => '$prefix' || g,
+                        email => '$prefix' || g || '\@example.com'))
+  FROM generate_series($from, $to) g
+EOS
+}
+
+# Rows of $pixel not yet finished.
+sub pending_count
+{
+	my ($node, $pixel) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT count(*) FROM xcapi_conversions WHERE pixel_id = '$pixel' AND status IN ('queued', 'sending')"
+	);
+}
+
+# "dead=1 sent=499": rows of $pixel by status.
+sub status_counts
+{
+	my ($node, $pixel) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT coalesce(string_agg(status || '=' || n, ' ' ORDER BY status), '') FROM (SELECT status, count(*) n FROM xcapi_conversions WHERE pixel_id = '$pixel' GROUP BY status) s"
+	);
+}
+
+# The server log from byte $offset (default 0) on.
+sub log_since
+{
+	my ($node, $offset) = @_;
+	return substr(PostgreSQL::Test::Utils::slurp_file($node->logfile),
+		$offset // 0);
+}
+
+# Wait until query $q answers $want; on a timeout print the last answer.
+sub until_sql
+{
+	my ($node, $q, $want, $timeout, $what) = @_;
+	my $got;
+	my $ok = wait_until(sub { ($got = $node->safe_psql('postgres', $q)) eq $want },
+		$timeout, $what);
+	diag "last answer: $got" unless $ok;
+	return $ok;
 }
 
 # The pid of the xcapi worker, or '' if none.
