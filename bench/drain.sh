@@ -69,8 +69,7 @@ pkgs=(nginx-light openssl curl iproute2)
 bench_setup drain.sh "${pkgs[@]}"
 bench_workdir drain
 bench_traps
-REPORT=$BENCH_OUT/drain-$(date -u +%Y%m%dT%H%M%SZ).txt
-exec > >(tee "$REPORT")
+bench_report drain
 
 free_port() {   # a TCP port nothing listens on, from 58443 up
     local p
@@ -176,7 +175,6 @@ EOF
     if [ "$PROFILE" = 1 ]; then
         perf buildid-cache --add "$PG_PKGLIBDIR/xcapi.so" >/dev/null 2>&1 || true
     fi
-    PSQL_ARGS=(-h "$dir" -p "$PORT" -U "$XCAPI_USER" -d bench)
     psqlb -c "CREATE EXTENSION xcapi"
     [ "$PROFILE" = 1 ] && psqlb -c "CREATE EXTENSION pg_stat_statements"
     local have_state
@@ -220,18 +218,8 @@ EOF
     local lsn0
     lsn0=$(psqlv -c "SELECT pg_current_wal_lsn()")
     xc_step "max_inflight = $inflight: write the credentials file and reload: drain"
-    (
-        umask 077
-        cat >"$creds" <<EOF
-# bench/drain.sh: OAuth 1.0a, X's documentation example (nginx does not check)
-consumer_key = '$CONSUMER_KEY'
-consumer_secret = '$CONSUMER_SECRET'
-access_token = '$ACCESS_TOKEN'
-access_token_secret = '$ACCESS_TOKEN_SECRET'
-EOF
-    )
+    xc_write_credentials "$creds"    # nginx does not check them
     chown "$XCAPI_USER:" "$creds"
-    chmod 600 "$creds"
     local perf_pid=''
     t0=$EPOCHREALTIME
     bench_cluster_reload "$data"

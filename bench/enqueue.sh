@@ -54,8 +54,7 @@ xc_step "Set-up"
 bench_setup enqueue.sh python3-psycopg2
 bench_workdir enqueue
 bench_traps
-REPORT=$BENCH_OUT/enqueue-$(date -u +%Y%m%dT%H%M%SZ).txt
-exec > >(tee "$REPORT")
+bench_report enqueue
 
 DATA=$BENCH_WORK/data
 bench_cluster_init "$DATA" "$PORT" bench <<EOF
@@ -70,7 +69,6 @@ xcapi.api_url = 'https://127.0.0.1:9'
 xcapi.naptime = '1h'
 EOF
 bench_cluster_start "$DATA"
-PSQL_ARGS=(-h "$BENCH_WORK" -p "$PORT" -U "$XCAPI_USER" -d bench)
 DSN="host=$BENCH_WORK port=$PORT user=$XCAPI_USER dbname=bench"
 
 psqlb <<'EOF'

@@ -42,8 +42,7 @@ xc_step "Set-up"
 bench_setup latency.sh python3-psycopg2 python3-oauthlib openssl
 bench_workdir latency
 bench_traps
-REPORT=$BENCH_OUT/latency-$(date -u +%Y%m%dT%H%M%SZ).txt
-exec > >(tee "$REPORT")
+bench_report latency
 
 # -- the mock ----------------------------------------------------------------
 bench_start_mock
@@ -59,7 +58,6 @@ xcapi.ca_file = '$MOCK/cert.pem'
 xcapi.credentials_file = '$CREDS'
 EOF
 bench_cluster_start "$DATA"
-PSQL_ARGS=(-h "$BENCH_WORK" -p "$PORT" -U "$XCAPI_USER" -d bench)
 psqlb -c "CREATE EXTENSION xcapi"
 
 bench_header "xcapi latency benchmark (bench/latency.sh)"

@@ -54,8 +54,7 @@ xc_step "Set-up"
 bench_setup leakcheck.sh valgrind python3-oauthlib openssl
 bench_workdir leakcheck
 bench_traps
-REPORT=$BENCH_OUT/leakcheck-$(date -u +%Y%m%dT%H%M%SZ).txt
-exec > >(tee "$REPORT")
+bench_report leakcheck
 T_START=$EPOCHREALTIME
 
 # -- the mock ----------------------------------------------------------------
@@ -92,7 +91,6 @@ xc_step "Start the postmaster under valgrind"
 # shellcheck disable=SC2016  # expanded by the inner sh
 xc_as_user sh -c 'cd "$1"; shift; exec "$@"' sh "$BENCH_WORK" \
     valgrind "${VG_OPTS[@]}" postgres -D "$DATA" >"$BENCH_WORK/postgres.log" 2>&1 &
-PSQL_ARGS=(-h "$BENCH_WORK" -p "$PORT" -U "$XCAPI_USER" -d bench)
 for i in $(seq 1 600); do
     psqlv -c "SELECT 1" >/dev/null 2>&1 && break
     [ "$i" = 600 ] && { tail -n 30 "$BENCH_WORK/postgres.log" >&2; xc_die "postmaster under valgrind did not start"; }

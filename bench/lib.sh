@@ -20,15 +20,6 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PG_PKGLIBDIR=$("$PG_CONFIG" --pkglibdir 2>/dev/null || echo /usr/lib/postgresql/$PG_MAJOR/lib)
 BENCH_OUT=$BENCH_DIR/out
 
-# The example credentials from X's OAuth 1.0a documentation, as in
-# scripts/demo.sh; t/mock_x.py accepts exactly these.
-CONSUMER_KEY=xvz1evFS4wEEPTGEFPHBog
-CONSUMER_SECRET=kAcSOqF21Fu85e7zjz7ZN2U4ZRhfV3WpwPAoE3Z7kBw
-ACCESS_TOKEN=370773112-GmHxMAgYyLbNEtIKZeRNFsMKPR9EyMZeS9weJAEb
-ACCESS_TOKEN_SECRET=LswwdoUaIvS8ltyTt5jkRh4J50vUPVVHtR2YPi5kE
-PIXEL=o8z6j
-EVENT=tw-o8z6j-o8z2x
-
 # bench_setup NAME EXTRA_PACKAGE...: root check, packages (idempotent), the
 # OS user, and `make && make install` of this checkout unless --no-build
 # (BENCH_NO_BUILD=1) was given.
@@ -105,10 +96,17 @@ bench_traps() {
     trap 'exit 143' TERM
 }
 
+# bench_report NAME: from here on, a copy of everything printed goes to
+# $BENCH_OUT/NAME-<UTC time>.txt (sets REPORT).
+bench_report() {
+    REPORT=$BENCH_OUT/$1-$(date -u +%Y%m%dT%H%M%SZ).txt
+    exec > >(tee "$REPORT")
+}
+
 # bench_cluster_init DATA PORT DB: initdb as $XCAPI_USER, Unix socket only
 # (in DATA's parent), database DB created before xcapi is preloaded (the
 # worker connects to it at start-up).  Extra postgresql.conf lines are read
-# from standard input.
+# from standard input.  Sets PSQL_ARGS to connect to DB there.
 bench_cluster_init() {
     local data=$1 port=$2 db=$3 sockdir
     sockdir=$(dirname "$data")
@@ -127,6 +125,7 @@ EOF
         { tail -n 20 "$sockdir/createdb.log" >&2; xc_die "could not create database $db"; }
     cat >>"$data/postgresql.conf"
     chown "$XCAPI_USER:" "$data/postgresql.conf"
+    PSQL_ARGS=(-h "$sockdir" -p "$port" -U "$XCAPI_USER" -d "$db")
 }
 
 # bench_cluster_start DATA [LOG]
@@ -222,15 +221,6 @@ bench_start_mock() {
 # by the xcapi user); sets CREDS.
 bench_write_credentials() {
     CREDS=$BENCH_WORK/credentials.conf
-    (
-        umask 077
-        cat >"$CREDS" <<EOF
-consumer_key = '$CONSUMER_KEY'
-consumer_secret = '$CONSUMER_SECRET'
-access_token = '$ACCESS_TOKEN'
-access_token_secret = '$ACCESS_TOKEN_SECRET'
-EOF
-    )
+    xc_write_credentials "$CREDS"
     chown "$XCAPI_USER:" "$CREDS"
-    chmod 600 "$CREDS"
 }

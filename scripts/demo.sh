@@ -24,14 +24,6 @@ set -euo pipefail
 
 usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
-# The well-known example credentials from X's OAuth 1.0a documentation; the
-# mock accepts exactly these.
-CONSUMER_KEY=xvz1evFS4wEEPTGEFPHBog
-CONSUMER_SECRET=kAcSOqF21Fu85e7zjz7ZN2U4ZRhfV3WpwPAoE3Z7kBw
-ACCESS_TOKEN=370773112-GmHxMAgYyLbNEtIKZeRNFsMKPR9EyMZeS9weJAEb
-ACCESS_TOKEN_SECRET=LswwdoUaIvS8ltyTt5jkRh4J50vUPVVHtR2YPi5kE
-PIXEL=o8z6j
-EVENT=tw-o8z6j-o8z2x
 DEMO_PORT=5499            # unix socket only, in the demo directory
 BULK=1000
 
@@ -90,17 +82,7 @@ inner() {
     fi
 
     # -- credentials: a file, never a GUC ------------------------------------
-    (
-        umask 077
-        cat >"$DEMO/credentials.conf" <<EOF
-# xcapi credentials for the demo (OAuth 1.0a, X's documentation example)
-consumer_key = '$CONSUMER_KEY'
-consumer_secret = '$CONSUMER_SECRET'
-access_token = '$ACCESS_TOKEN'
-access_token_secret = '$ACCESS_TOKEN_SECRET'
-EOF
-    )
-    chmod 600 "$DEMO/credentials.conf"
+    xc_write_credentials "$DEMO/credentials.conf"
 
     # -- a throwaway cluster --------------------------------------------------
     initdb -D "$data" -A trust -E UTF8 --locale=C.UTF-8 >"$DEMO/initdb.log" 2>&1 ||

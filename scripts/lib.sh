@@ -29,6 +29,32 @@ XC_PACKAGES=(
 
 XC_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+# The example credentials from X's OAuth 1.0a documentation, a pixel and an
+# event id, for the demo and the benchmarks; t/mock_x.py accepts exactly
+# these credentials.
+CONSUMER_KEY=xvz1evFS4wEEPTGEFPHBog
+CONSUMER_SECRET=kAcSOqF21Fu85e7zjz7ZN2U4ZRhfV3WpwPAoE3Z7kBw
+ACCESS_TOKEN=370773112-GmHxMAgYyLbNEtIKZeRNFsMKPR9EyMZeS9weJAEb
+ACCESS_TOKEN_SECRET=LswwdoUaIvS8ltyTt5jkRh4J50vUPVVHtR2YPi5kE
+PIXEL=o8z6j
+EVENT=tw-o8z6j-o8z2x
+
+# xc_write_credentials FILE: those credentials as an xcapi credentials file,
+# mode 0600.
+xc_write_credentials() {
+    (
+        umask 077
+        cat >"$1" <<EOF
+# xcapi credentials: the OAuth 1.0a example of X's documentation
+consumer_key = '$CONSUMER_KEY'
+consumer_secret = '$CONSUMER_SECRET'
+access_token = '$ACCESS_TOKEN'
+access_token_secret = '$ACCESS_TOKEN_SECRET'
+EOF
+    )
+    chmod 600 "$1"
+}
+
 # shellcheck disable=SC2034
 if [ -t 1 ] && [ -z "${NO_COLOR:-}" ] && [ "${TERM:-dumb}" != dumb ]; then
     XC_BOLD=$'\e[1m' XC_DIM=$'\e[2m' XC_RED=$'\e[31m' XC_GREEN=$'\e[32m'
