@@ -97,18 +97,10 @@ def wait_for(arrivals, cids, timeout):
     return all(c in arrivals.first for c in cids)
 
 
-def run_xcapi(args, arrivals, name, interval, run_id):
-    conn = psycopg2.connect(args.dsn)
-    conn.autocommit = False
-    cur = conn.cursor()
-    sql = ("SELECT xcapi_fire(%s, %s, conversion_id => %s, email => %s)")
-
-    def one(cid):
-        cur.execute(sql, (args.pixel, args.event, cid, "%s@example.com" % cid))
-        cur.fetchone()
-        conn.commit()
-        return time.time()
-
+def paced_samples(args, arrivals, one, name, interval, run_id):
+    """One warm-up, then args.samples calls of one(cid), one every interval
+    seconds; one returns the time its conversion left (commit or request).
+    Returns ({cid: that time}, the warm-up's latency in ms or None)."""
     warm = "lat-%s-%s-warmup" % (run_id, name)
     tw = one(warm)
     wait_for(arrivals, [warm], 30)
@@ -128,8 +120,25 @@ def run_xcapi(args, arrivals, name, interval, run_id):
         if args.progress and (i + 1) % 50 == 0:
             sys.stderr.write("    %s: %d/%d\n" % (name, i + 1, args.samples))
     wait_for(arrivals, list(commits), 30)
-    conn.close()
     return commits, warm_ms
+
+
+def run_xcapi(args, arrivals, name, interval, run_id):
+    conn = psycopg2.connect(args.dsn)
+    conn.autocommit = False
+    cur = conn.cursor()
+    sql = ("SELECT xcapi_fire(%s, %s, conversion_id => %s, email => %s)")
+
+    def one(cid):
+        cur.execute(sql, (args.pixel, args.event, cid, "%s@example.com" % cid))
+        cur.fetchone()
+        conn.commit()
+        return time.time()
+
+    try:
+        return paced_samples(args, arrivals, one, name, interval, run_id)
+    finally:
+        conn.close()
 
 
 def run_direct(args, arrivals, interval, run_id):
@@ -160,22 +169,10 @@ def run_direct(args, arrivals, interval, run_id):
             sys.stderr.write("direct: HTTP %d for %s\n" % (resp.status, cid))
         return t
 
-    warm = "lat-%s-direct-warmup" % run_id
-    tw = one(warm)
-    wait_for(arrivals, [warm], 10)
-    warm_ms = (arrivals.first[warm] - tw) * 1000 if warm in arrivals.first else None
-    commits = {}
-    start = time.time()
-    for i in range(args.samples):
-        due = start + i * interval
-        delay = due - time.time()
-        if delay > 0:
-            time.sleep(delay)
-        cid = "lat-%s-direct-%05d" % (run_id, i)
-        commits[cid] = one(cid)
-    wait_for(arrivals, list(commits), 10)
-    conn.close()
-    return commits, warm_ms
+    try:
+        return paced_samples(args, arrivals, one, "direct", interval, run_id)
+    finally:
+        conn.close()
 
 
 def summarize(name, commits, arrivals, warm_ms):
