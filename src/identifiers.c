@@ -56,15 +56,30 @@ xcapi_is_pixel_id(const char *s, size_t len)
 
 /*
  * Lower-case hex SHA-256 of data into out (65 bytes with the terminator).
+ *
+ * The digest is fetched from OpenSSL's provider once and one context is
+ * reused: with OpenSSL 3, EVP_Digest(..., EVP_sha256(), ...) looks the
+ * algorithm up and allocates a context on every call, which cost a
+ * trigger about as much as the hashing itself.  Both live as long as the
+ * backend (one of each per process, nothing per call to free).
  */
 void
 xcapi_sha256_hex(const char *data, size_t len, char *out)
 {
 	static const char hex[] = "0123456789abcdef";
+	static EVP_MD *sha256 = NULL;
+	static EVP_MD_CTX *ctx = NULL;
 	unsigned char digest[EVP_MAX_MD_SIZE];
 	unsigned int digest_len = 0;
 
-	if (EVP_Digest(data, len, digest, &digest_len, EVP_sha256(), NULL) != 1 ||
+	if (sha256 == NULL)
+		sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+	if (ctx == NULL)
+		ctx = EVP_MD_CTX_new();
+	if (sha256 == NULL || ctx == NULL ||
+		EVP_DigestInit_ex2(ctx, sha256, NULL) != 1 ||
+		EVP_DigestUpdate(ctx, data, len) != 1 ||
+		EVP_DigestFinal_ex(ctx, digest, &digest_len) != 1 ||
 		digest_len != 32)
 		ereport(ERROR,
 				(errcode(ERRCODE_INTERNAL_ERROR),

@@ -59,49 +59,61 @@ xcapi_json_decimal(StringInfo dst, const char *numeric_text)
 		appendStringInfoChar(dst, '0');
 }
 
-/* n (0 <= n < 10^width) in exactly width decimal digits. */
-static void
-append_digits(StringInfo dst, int n, int width)
+/* n (0 <= n < 10^width) in exactly width decimal digits, at dst. */
+static char *
+put_digits(char *dst, int n, int width)
 {
-	char		digits[8];
-
-	Assert(width <= (int) sizeof(digits) && n >= 0);
+	Assert(n >= 0);
 	for (int i = width - 1; i >= 0; i--)
 	{
-		digits[i] = '0' + n % 10;
+		dst[i] = '0' + n % 10;
 		n /= 10;
 	}
-	appendBinaryStringInfo(dst, digits, width);
+	return dst + width;
 }
 
-/* conversion_time as X wants it: 2022-02-18T01:14:00.603Z */
+/*
+ * conversion_time as X wants it: 2022-02-18T01:14:00.603Z.  The last one
+ * is kept: the rows of one statement mostly share theirs (the transaction
+ * start, by default), and a trigger firing for each of 100,000 rows
+ * need not take the same timestamp apart 100,000 times.
+ */
 static void
 append_x_time(StringInfo dst, TimestampTz ts)
 {
+	static TimestampTz last_ts = DT_NOBEGIN;
+	static char last_text[sizeof("2022-02-18T01:14:00.603Z")];
 	struct pg_tm tm;
 	fsec_t		fsec;
+	char	   *p = last_text;
 
-	if (TIMESTAMP_NOT_FINITE(ts) ||
-		timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0 ||
-		tm.tm_year < 0 || tm.tm_year > 9999)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
-				 errmsg("argument \"conversion_time\" is out of range")));
-	/* by hand: a printf per conversion is a measurable share of a trigger */
-	append_digits(dst, tm.tm_year, 4);
-	appendStringInfoChar(dst, '-');
-	append_digits(dst, tm.tm_mon, 2);
-	appendStringInfoChar(dst, '-');
-	append_digits(dst, tm.tm_mday, 2);
-	appendStringInfoChar(dst, 'T');
-	append_digits(dst, tm.tm_hour, 2);
-	appendStringInfoChar(dst, ':');
-	append_digits(dst, tm.tm_min, 2);
-	appendStringInfoChar(dst, ':');
-	append_digits(dst, tm.tm_sec, 2);
-	appendStringInfoChar(dst, '.');
-	append_digits(dst, (int) (fsec / 1000), 3);
-	appendStringInfoChar(dst, 'Z');
+	if (ts != last_ts || ts == DT_NOBEGIN)
+	{
+		if (TIMESTAMP_NOT_FINITE(ts) ||
+			timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0 ||
+			tm.tm_year < 0 || tm.tm_year > 9999)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+					 errmsg("argument \"conversion_time\" is out of range")));
+		/* by hand: a printf per conversion is a measurable share of a trigger */
+		p = put_digits(p, tm.tm_year, 4);
+		*p++ = '-';
+		p = put_digits(p, tm.tm_mon, 2);
+		*p++ = '-';
+		p = put_digits(p, tm.tm_mday, 2);
+		*p++ = 'T';
+		p = put_digits(p, tm.tm_hour, 2);
+		*p++ = ':';
+		p = put_digits(p, tm.tm_min, 2);
+		*p++ = ':';
+		p = put_digits(p, tm.tm_sec, 2);
+		*p++ = '.';
+		p = put_digits(p, (int) (fsec / 1000), 3);
+		*p++ = 'Z';
+		*p = '\0';
+		last_ts = ts;
+	}
+	appendBinaryStringInfo(dst, last_text, sizeof(last_text) - 1);
 }
 
 /*
@@ -165,17 +177,28 @@ append_field(StringInfo dst, const char *key, const char *value)
 	append_json_string(dst, value);
 }
 
+/*
+ * ,"key":"value" for a literal key, which needs no escaping: the prefix is
+ * one constant, copied at once.
+ */
+#define APPEND_LITERAL_FIELD(dst, key, value) \
+	append_prefixed((dst), ",\"" key "\":", (value))
+
 static void
-append_identifier(StringInfo dst, bool *first, const char *key,
-				  const char *value)
+append_prefixed(StringInfo dst, const char *prefix, const char *value)
 {
-	appendStringInfoString(dst, *first ? "{" : ",{");
-	append_json_string(dst, key);
-	appendStringInfoChar(dst, ':');
+	appendStringInfoString(dst, prefix);
 	append_json_string(dst, value);
-	appendStringInfoChar(dst, '}');
-	*first = false;
 }
+
+/* {"key":"value"} for a literal key, after a comma unless it is the first */
+#define APPEND_IDENTIFIER(dst, first, key, value) \
+	do { \
+		append_prefixed((dst), *(first) ? "{\"" key "\":" : ",{\"" key "\":", \
+						(value)); \
+		appendStringInfoChar((dst), '}'); \
+		*(first) = false; \
+	} while (0)
 
 /*
  * The identifiers array, laid out as in X's example: one object each for
@@ -190,11 +213,11 @@ append_identifiers(StringInfo dst, const XcapiConversion *conv)
 
 	appendStringInfoString(dst, ",\"identifiers\":[");
 	if (conv->twclid)
-		append_identifier(dst, &first, "twclid", conv->twclid);
+		APPEND_IDENTIFIER(dst, &first, "twclid", conv->twclid);
 	if (conv->hashed_email)
-		append_identifier(dst, &first, "hashed_email", conv->hashed_email);
+		APPEND_IDENTIFIER(dst, &first, "hashed_email", conv->hashed_email);
 	if (conv->hashed_phone)
-		append_identifier(dst, &first, "hashed_phone_number",
+		APPEND_IDENTIFIER(dst, &first, "hashed_phone_number",
 						  conv->hashed_phone);
 	if (conv->ip_address || conv->user_agent)
 	{
@@ -367,7 +390,7 @@ xcapi_conversion_json(const XcapiConversion *conv)
 	appendStringInfoString(&buf, "{\"conversion_time\":\"");
 	append_x_time(&buf, conv->conversion_time);
 	appendStringInfoChar(&buf, '"');
-	append_field(&buf, "event_id", conv->event_id);
+	APPEND_LITERAL_FIELD(&buf, "event_id", conv->event_id);
 	append_identifiers(&buf, conv);
 	if (conv->value)
 	{
@@ -376,12 +399,12 @@ xcapi_conversion_json(const XcapiConversion *conv)
 		appendStringInfoChar(&buf, '"');
 	}
 	if (conv->currency)
-		append_field(&buf, "price_currency", conv->currency);
+		APPEND_LITERAL_FIELD(&buf, "price_currency", conv->currency);
 	if (conv->number_items > 0)
 		appendStringInfo(&buf, ",\"number_items\":%d", conv->number_items);
-	append_field(&buf, "conversion_id", conv->conversion_id);
+	APPEND_LITERAL_FIELD(&buf, "conversion_id", conv->conversion_id);
 	if (conv->description)
-		append_field(&buf, "description", conv->description);
+		APPEND_LITERAL_FIELD(&buf, "description", conv->description);
 	if (conv->contents)
 		append_contents(&buf, conv->contents);
 	appendStringInfoChar(&buf, '}');
