@@ -16,10 +16,16 @@ SHLIB_LINK = $(shell pkg-config --libs libcurl openssl)
 REGRESS = upgrade signing identifiers api trigger settings monitor
 REGRESS_OPTS = --temp-config=$(srcdir)/xcapi.conf --temp-instance=./tmp_regress \
                --load-extension=xcapi
+ISOLATION = intake_locks
+ISOLATION_OPTS = --temp-config=$(srcdir)/xcapi.conf --temp-instance=./tmp_isolation \
+                 --load-extension=xcapi
 TAP_TESTS = 1
 
-EXTRA_CLEAN = tmp_regress tmp_check
+EXTRA_CLEAN = tmp_regress tmp_isolation tmp_check output_iso
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# The isolation tests use the database xcapi.conf names for the worker.
+ISOLATION_TESTDB = contrib_regression

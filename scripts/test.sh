@@ -18,8 +18,8 @@
 # As root it installs missing build dependencies (apt-get), creates the OS
 # user "xcapi", copies the tree to /tmp/xcapi-test.XXXXXX, builds it there
 # with -Werror, installs the extension, and runs `make installcheck` as
-# "xcapi": pg_regress on its own temporary instance (REGRESS_OPTS), then prove
-# t/*.pl.  The checkout is never written to.  On failure it prints
+# "xcapi": pg_regress and the isolation tests (specs/) on their own temporary
+# instances (REGRESS_OPTS, ISOLATION_OPTS), then prove t/*.pl.  The checkout is never written to.  On failure it prints
 # regression.diffs and the TAP logs and exits non-zero.
 
 set -euo pipefail
@@ -153,11 +153,13 @@ failed=0
 
 # Show failures where a CI log reader will see them.
 if [ "$regress_rc" != skip ] && [ "$regress_rc" -ne 0 ]; then
-    if [ -s "$work/regression.diffs" ]; then
-        xc_step "regression.diffs (first 400 lines; full: $work/regression.diffs)"
-        head -n 400 "$work/regression.diffs"
-    fi
-    for f in "$work"/tmp_regress/log/postmaster.log "$work"/log/postmaster.log; do
+    for f in "$work/regression.diffs" "$work/output_iso/regression.diffs"; do
+        [ -s "$f" ] || continue
+        xc_step "$f (first 400 lines)"
+        head -n 400 "$f"
+    done
+    for f in "$work"/tmp_regress/log/postmaster.log "$work"/tmp_isolation/log/postmaster.log \
+        "$work"/log/postmaster.log; do
         [ -s "$f" ] || continue
         xc_step "$f (last 100 lines)"
         tail -n 100 "$f"

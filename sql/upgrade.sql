@@ -35,3 +35,24 @@ SELECT indexrelid::regclass AS index, pg_get_indexdef(indexrelid) AS definition
   FROM pg_index WHERE indrelid = 'xcapi_conversions'::regclass ORDER BY 1;
 SELECT conname, pg_get_constraintdef(oid) AS definition
   FROM pg_constraint WHERE conrelid = 'xcapi_conversions'::regclass ORDER BY 1;
+
+-- new conversions go to the intake: a child of the outbox with its columns,
+-- defaults and checks and no index; its rows are rows of xcapi_conversions at
+-- once, in the inserting transaction too (the worker files them later)
+SELECT inhrelid::regclass AS child, inhparent::regclass AS parent
+  FROM pg_inherits WHERE inhparent = 'xcapi_conversions'::regclass;
+SELECT count(*) AS intake_indexes
+  FROM pg_index WHERE indrelid = 'xcapi_conversions_intake'::regclass;
+SELECT conname, coninhcount
+  FROM pg_constraint WHERE conrelid = 'xcapi_conversions_intake'::regclass ORDER BY 1;
+SELECT reloptions FROM pg_class WHERE oid = 'xcapi_conversions_intake'::regclass;
+BEGIN;
+SELECT xcapi_fire('o8z6j', 'o8z2x', email => 'intake@example.com',
+                  conversion_id => 'intake-1') AS intake_id \gset
+SELECT tableoid::regclass AS stored_in, status, attempts, next_attempt_at = now() AS due_now
+  FROM xcapi_conversions WHERE id = :intake_id;
+SELECT count(*) AS in_the_outbox_only FROM ONLY xcapi_conversions WHERE id = :intake_id;
+COMMIT;
+-- nobody but its owner reads or writes it
+SELECT has_table_privilege('public', 'xcapi_conversions_intake', 'SELECT') AS public_select,
+       has_table_privilege('public', 'xcapi_conversions_intake', 'INSERT') AS public_insert;

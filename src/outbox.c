@@ -9,11 +9,19 @@
  * Rows stay 'queued' while in flight: there is one worker, which knows
  * what it has in flight, and a worker that dies mid-send leaves nothing to
  * repair: the rows are simply due again, so a committed conversion ends
- * 'sent' or 'dead' and never vanishes.  Each row is thus written twice in
- * its life (insert, outcome), not three times.  A resend carries the same
- * stored payload, hence the same conversion_id, which is what X
- * deduplicates on.  ('sending' is what workers of version 0.1.0 wrote;
+ * 'sent' or 'dead' and never vanishes: no status change marks a claim.
+ * A resend carries the same stored payload, hence the same conversion_id,
+ * which is what X deduplicates on.  ('sending' is what workers of version 0.1.0 wrote;
  * rows in it are repaired at start and accepted by every outcome.)
+ *
+ * New rows go to xcapi_conversions_intake (from version 0.3.0), a child of
+ * xcapi_conversions by inheritance with no index: a query on the outbox
+ * sees them at once, and the inserting transaction pays for a heap tuple
+ * only.  The worker files them into xcapi_conversions itself, where the
+ * primary key and the due index are (see xcapi_outbox_file_intake); its
+ * other statements therefore name ONLY xcapi_conversions.  A row is thus written three times in its
+ * life: into the intake by the caller, into the outbox by the worker's
+ * filing (after the commit, in chunks), and with its outcome.
  *
  * Callers are inside a transaction with a snapshot.  Plans are prepared
  * once per schema and kept.  Every name is schema-qualified with the
@@ -33,6 +41,8 @@
 #include "access/table.h"
 #include "access/xact.h"
 #include "access/heapam.h"
+#include "access/heaptoast.h"
+#include "access/tupconvert.h"
 #include "access/genam.h"
 #include "catalog/index.h"
 #include "catalog/indexing.h"
@@ -53,10 +63,13 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/bufmgr.h"
+#include "storage/lmgr.h"
 #include "storage/proc.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(xcapi_wait);
@@ -73,12 +86,16 @@ typedef enum OutboxPlan
 	PLAN_PENDING,
 	PLAN_PURGE,
 	PLAN_DEFER,
+	PLAN_INTAKE_CHUNK,
+	PLAN_FILE_INTAKE,
 	NUM_PLANS
 } OutboxPlan;
 
 static char *schema_name = NULL;	/* quoted, in TopMemoryContext */
 static Oid	schema_oid = InvalidOid;
 static Oid	table_oid = InvalidOid;
+static Oid	intake_oid = InvalidOid;	/* xcapi_conversions_intake, 0.3.0 on */
+static Oid	insert_oid = InvalidOid;	/* where new rows go: the intake */
 static Oid	table_owner = InvalidOid;
 static Oid	sequence_oid = InvalidOid;
 static bool direct_insert = false;	/* see can_insert_directly() */
@@ -120,14 +137,31 @@ static const char *const outbox_columns[] = {
 
 #define NUM_OUTBOX_COLUMNS lengthof(outbox_columns)
 
-static AttrNumber outbox_attnums[NUM_OUTBOX_COLUMNS];
+/*
+ * CHECK constraints xcapi creates on the outbox (and the intake inherits):
+ * status and next_attempt_at.  Rows written without the executor satisfy
+ * them by construction; a table with more has one someone added, which
+ * only the executor would enforce.
+ */
+#define XCAPI_CHECK_CONSTRAINTS 2
 
-/* The outbox's indexes, looked up with the table (see can_insert_directly). */
-static MemoryContext index_cache_context = NULL;
-static int	n_outbox_indexes = 0;
-static Oid	outbox_index_oids[INDEX_MAX_KEYS];
-static IndexInfo *outbox_index_infos[INDEX_MAX_KEYS];
-static bool outbox_index_unique[INDEX_MAX_KEYS];
+/*
+ * A table xcapi writes rows into without the executor, as looked up with
+ * the table (see can_insert_directly): its columns and its indexes.
+ */
+typedef struct DirectTable
+{
+	MemoryContext context;		/* the IndexInfos */
+	AttrNumber	attnums[NUM_OUTBOX_COLUMNS];	/* of outbox_columns */
+	int			nindexes;
+	Oid			index_oids[INDEX_MAX_KEYS];
+	IndexInfo  *index_infos[INDEX_MAX_KEYS];
+	bool		index_unique[INDEX_MAX_KEYS];
+} DirectTable;
+
+static DirectTable insert_target;	/* where new rows go: the intake */
+static DirectTable filing_target;	/* where the worker files them */
+static bool direct_filing = false;	/* can_insert_directly(filing_target) */
 
 /*
  * Whether xcapi_fire may form the row itself and insert it into the heap
@@ -139,33 +173,34 @@ static bool outbox_index_unique[INDEX_MAX_KEYS];
  * which honours everything, is used.
  */
 static bool
-can_insert_directly(Oid table)
+can_insert_directly(Oid table, DirectTable *target)
 {
 	Relation	rel = table_open(table, AccessShareLock);
 	TupleDesc	desc = RelationGetDescr(rel);
 	bool		ok = rel->rd_rel->relkind == RELKIND_RELATION &&
 		rel->trigdesc == NULL && !rel->rd_rel->relhasrules &&
-		!rel->rd_rel->relrowsecurity;
+		!rel->rd_rel->relrowsecurity &&
+		rel->rd_rel->relchecks <= XCAPI_CHECK_CONSTRAINTS;
 	List	   *indexes;
 	ListCell   *lc;
 	int			live = 0;
 
 	for (int i = 0; ok && i < (int) NUM_OUTBOX_COLUMNS; i++)
 	{
-		outbox_attnums[i] = get_attnum(table, outbox_columns[i]);
-		ok = outbox_attnums[i] != InvalidAttrNumber;
+		target->attnums[i] = get_attnum(table, outbox_columns[i]);
+		ok = target->attnums[i] != InvalidAttrNumber;
 	}
 	for (int i = 0; i < desc->natts; i++)
 		if (!TupleDescAttr(desc, i)->attisdropped)
 			live++;
 	ok = ok && live == (int) NUM_OUTBOX_COLUMNS;
 
-	if (index_cache_context == NULL)
-		index_cache_context = AllocSetContextCreate(TopMemoryContext,
-													"xcapi outbox indexes",
-													ALLOCSET_SMALL_SIZES);
-	MemoryContextReset(index_cache_context);
-	n_outbox_indexes = 0;
+	if (target->context == NULL)
+		target->context = AllocSetContextCreate(TopMemoryContext,
+												"xcapi outbox indexes",
+												ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(target->context);
+	target->nindexes = 0;
 
 	indexes = ok ? RelationGetIndexList(rel) : NIL;
 	if (list_length(indexes) > INDEX_MAX_KEYS)
@@ -185,12 +220,12 @@ can_insert_directly(Oid table)
 		else
 		{
 			/* kept, so a row's insert need not build it again */
-			old = MemoryContextSwitchTo(index_cache_context);
-			outbox_index_infos[n_outbox_indexes] = BuildIndexInfo(idx);
+			old = MemoryContextSwitchTo(target->context);
+			target->index_infos[target->nindexes] = BuildIndexInfo(idx);
 			MemoryContextSwitchTo(old);
-			outbox_index_oids[n_outbox_indexes] = RelationGetRelid(idx);
-			outbox_index_unique[n_outbox_indexes] = idx->rd_index->indisunique;
-			n_outbox_indexes++;
+			target->index_oids[target->nindexes] = RelationGetRelid(idx);
+			target->index_unique[target->nindexes] = idx->rd_index->indisunique;
+			target->nindexes++;
 		}
 		index_close(idx, AccessShareLock);
 	}
@@ -250,39 +285,89 @@ queued_row_values(TupleDesc desc, const Datum *given_datums, Datum *values,
 	memset(nulls, true, sizeof(bool) * desc->natts);
 	for (int i = 0; i < (int) NUM_OUTBOX_COLUMNS; i++)
 	{
-		values[outbox_attnums[i] - 1] = given[i];
-		nulls[outbox_attnums[i] - 1] = given_null[i];
+		values[insert_target.attnums[i] - 1] = given[i];
+		nulls[insert_target.attnums[i] - 1] = given_null[i];
 	}
 }
 
-/* Open the outbox's indexes for inserting; the locks last to commit. */
-static Relation *
-open_outbox_indexes(void)
+/*
+ * Lock xcapi_conversions before its intake, as everything that reaches the
+ * intake through its parent does (TRUNCATE, DELETE, a query): taking the
+ * two in the other order could deadlock with them.  The lock is the one an
+ * insert into xcapi_conversions took before there was an intake.
+ */
+static void
+lock_outbox_first(void)
 {
-	Relation   *idx = palloc(sizeof(Relation) * Max(n_outbox_indexes, 1));
+	if (insert_oid != table_oid)
+		LockRelationOid(table_oid, RowExclusiveLock);
+}
 
-	for (int i = 0; i < n_outbox_indexes; i++)
-		idx[i] = index_open(outbox_index_oids[i], RowExclusiveLock);
+/*
+ * Lowest block of the intake this transaction wrote to, published at
+ * commit so that the worker knows where to look (see
+ * xcapi_outbox_file_intake).
+ */
+static BlockNumber intake_low_this_xact = InvalidBlockNumber;
+
+static void
+note_intake_block(BlockNumber blk)
+{
+	if (insert_oid != table_oid && blk < intake_low_this_xact)
+		intake_low_this_xact = blk;
+}
+
+/* At commit: lower the shared hint to this transaction's lowest block. */
+static void
+publish_intake_block(void)
+{
+	uint32		seen;
+
+	if (intake_low_this_xact == InvalidBlockNumber || xcapi_shared == NULL)
+		return;
+	seen = pg_atomic_read_u32(&xcapi_shared->intake_low_block);
+	while (intake_low_this_xact < seen &&
+		   !pg_atomic_compare_exchange_u32(&xcapi_shared->intake_low_block,
+										   &seen, intake_low_this_xact))
+		;
+}
+
+/* The table new rows go to (the intake), locked for inserting. */
+static Relation
+open_for_insert(void)
+{
+	lock_outbox_first();
+	return table_open(insert_oid, RowExclusiveLock);
+}
+
+/* Open a table's indexes for inserting; the locks last to commit. */
+static Relation *
+open_outbox_indexes(const DirectTable *t)
+{
+	Relation   *idx = palloc(sizeof(Relation) * Max(t->nindexes, 1));
+
+	for (int i = 0; i < t->nindexes; i++)
+		idx[i] = index_open(t->index_oids[i], RowExclusiveLock);
 	return idx;
 }
 
 static void
-close_outbox_indexes(Relation *idx)
+close_outbox_indexes(const DirectTable *t, Relation *idx)
 {
 	/* the locks are kept to the end of the transaction, as the executor does */
-	for (int i = 0; i < n_outbox_indexes; i++)
+	for (int i = 0; i < t->nindexes; i++)
 		index_close(idx[i], NoLock);
 	pfree(idx);
 }
 
-/* The index entries of one heap tuple at tid, in every outbox index. */
+/* The index entries of one heap tuple at tid, in every index of t. */
 static void
-insert_index_entries(Relation rel, Relation *idx, Datum *values, bool *nulls,
-					 ItemPointer tid)
+insert_index_entries(const DirectTable *t, Relation rel, Relation *idx,
+					 Datum *values, bool *nulls, ItemPointer tid)
 {
-	for (int i = 0; i < n_outbox_indexes; i++)
+	for (int i = 0; i < t->nindexes; i++)
 	{
-		IndexInfo  *info = outbox_index_infos[i];
+		IndexInfo  *info = t->index_infos[i];
 		Datum		ivalues[INDEX_MAX_KEYS];
 		bool		inulls[INDEX_MAX_KEYS];
 
@@ -294,7 +379,7 @@ insert_index_entries(Relation rel, Relation *idx, Datum *values, bool *nulls,
 			inulls[k] = nulls[attnum - 1];
 		}
 		index_insert(idx[i], ivalues, inulls, tid, rel,
-					 outbox_index_unique[i] ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
+					 t->index_unique[i] ? UNIQUE_CHECK_YES : UNIQUE_CHECK_NO,
 					 false, info);
 	}
 }
@@ -303,7 +388,7 @@ insert_index_entries(Relation rel, Relation *idx, Datum *values, bool *nulls,
 static void
 insert_directly(const Datum *given)
 {
-	Relation	rel = table_open(table_oid, RowExclusiveLock);
+	Relation	rel = open_for_insert();
 	TupleDesc	desc = RelationGetDescr(rel);
 	Datum	   *values = palloc(sizeof(Datum) * desc->natts);
 	bool	   *nulls = palloc(sizeof(bool) * desc->natts);
@@ -313,9 +398,10 @@ insert_directly(const Datum *given)
 	queued_row_values(desc, given, values, nulls);
 	tup = heap_form_tuple(desc, values, nulls);
 	simple_heap_insert(rel, tup);
-	idx = open_outbox_indexes();
-	insert_index_entries(rel, idx, values, nulls, &tup->t_self);
-	close_outbox_indexes(idx);
+	note_intake_block(ItemPointerGetBlockNumber(&tup->t_self));
+	idx = open_outbox_indexes(&insert_target);
+	insert_index_entries(&insert_target, rel, idx, values, nulls, &tup->t_self);
+	close_outbox_indexes(&insert_target, idx);
 	heap_freetuple(tup);
 	table_close(rel, NoLock);
 }
@@ -373,26 +459,31 @@ flush_slots(TupleDesc desc, int n)
 static void
 insert_many_directly(Datum **given, int n)
 {
-	Relation	rel = table_open(table_oid, RowExclusiveLock);
+	Relation	rel = open_for_insert();
 	TupleDesc	desc = RelationGetDescr(rel);
 	TupleTableSlot **slots = flush_slots(desc, n);
-	Datum	  **values = palloc(sizeof(Datum *) * n);
-	bool	  **nulls = palloc(sizeof(bool *) * n);
+	int			natts = desc->natts;
+
+	/* one allocation each for all rows' values and nulls */
+	Datum	   *values = palloc(sizeof(Datum) * natts * n);
+	bool	   *nulls = palloc(sizeof(bool) * natts * n);
 	Relation   *idx;
 
 	for (int i = 0; i < n; i++)
 	{
-		values[i] = palloc(sizeof(Datum) * desc->natts);
-		nulls[i] = palloc(sizeof(bool) * desc->natts);
-		queued_row_values(desc, given[i], values[i], nulls[i]);
-		ExecStoreHeapTuple(heap_form_tuple(desc, values[i], nulls[i]),
+		queued_row_values(desc, given[i], &values[i * natts], &nulls[i * natts]);
+		ExecStoreHeapTuple(heap_form_tuple(desc, &values[i * natts],
+										   &nulls[i * natts]),
 						   slots[i], false);
 	}
 	heap_multi_insert(rel, slots, n, GetCurrentCommandId(true), 0, NULL);
-	idx = open_outbox_indexes();
 	for (int i = 0; i < n; i++)
-		insert_index_entries(rel, idx, values[i], nulls[i], &slots[i]->tts_tid);
-	close_outbox_indexes(idx);
+		note_intake_block(ItemPointerGetBlockNumber(&slots[i]->tts_tid));
+	idx = open_outbox_indexes(&insert_target);
+	for (int i = 0; i < n && insert_target.nindexes > 0; i++)
+		insert_index_entries(&insert_target, rel, idx, &values[i * natts],
+							 &nulls[i * natts], &slots[i]->tts_tid);
+	close_outbox_indexes(&insert_target, idx);
 	for (int i = 0; i < n; i++)
 		ExecClearTuple(slots[i]);
 	table_close(rel, NoLock);
@@ -405,7 +496,7 @@ insert_many_directly(Datum **given, int n)
 static void
 outbox_relcache_callback(Datum arg, Oid relid)
 {
-	if (relid == InvalidOid || relid == table_oid)
+	if (relid == InvalidOid || relid == table_oid || relid == intake_oid)
 		lookup_valid = false;
 }
 
@@ -451,6 +542,8 @@ xcapi_outbox_lookup_schema(void)
 	sequence_oid = get_relname_relid("xcapi_conversions_id_seq", nsp);
 	if (!OidIsValid(table) || !OidIsValid(sequence_oid))
 		return false;
+	/* before ALTER EXTENSION ... UPDATE to 0.3.0 there is no intake */
+	intake_oid = get_relname_relid("xcapi_conversions_intake", nsp);
 
 	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(table));
 	if (!HeapTupleIsValid(tup))
@@ -458,7 +551,16 @@ xcapi_outbox_lookup_schema(void)
 	table_owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
 	ReleaseSysCache(tup);
 	table_oid = table;
-	direct_insert = can_insert_directly(table);
+	if (insert_oid != (OidIsValid(intake_oid) ? intake_oid : table) &&
+		plans[PLAN_INSERT] != NULL)
+	{
+		SPI_freeplan(plans[PLAN_INSERT]);
+		plans[PLAN_INSERT] = NULL;
+	}
+	insert_oid = OidIsValid(intake_oid) ? intake_oid : table;
+	direct_insert = can_insert_directly(insert_oid, &insert_target);
+	direct_filing = OidIsValid(intake_oid) &&
+		can_insert_directly(table_oid, &filing_target);
 
 	if (nsp != schema_oid)
 	{
@@ -501,7 +603,15 @@ get_plan(OutboxPlan which, const char *sql, int nargs, Oid *argtypes)
 	if (plans[which] == NULL)
 	{
 		char	   *query = psprintf(sql, schema_name, schema_name);
-		SPIPlanPtr	plan = SPI_prepare(query, nargs, argtypes);
+
+		/*
+		 * The intake chunk must be a TID range scan whatever the cursor:
+		 * a custom plan for an early block could be a sequential scan from
+		 * block 0, rereading every page a pass has already emptied.
+		 */
+		SPIPlanPtr	plan = SPI_prepare_cursor(query, nargs, argtypes,
+											  which == PLAN_INTAKE_CHUNK ?
+											  CURSOR_OPT_GENERIC_PLAN : 0);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
@@ -566,7 +676,13 @@ insert_through_spi(const Datum *given)
 
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
+		lock_outbox_first();
+		note_intake_block(0);	/* where the executor put it is not known */
 		plan = get_plan(PLAN_INSERT,
+						OidIsValid(intake_oid) ?
+						"INSERT INTO %s.xcapi_conversions_intake "
+						"(id, pixel_id, event_id, conversion_id, conversion_time, payload) "
+						"VALUES ($1, $2, $3, $4, $5, $6)" :
 						"INSERT INTO %s.xcapi_conversions "
 						"(id, pixel_id, event_id, conversion_id, conversion_time, payload) "
 						"VALUES ($1, $2, $3, $4, $5, $6)", NUM_GIVEN_COLUMNS, types);
@@ -759,11 +875,15 @@ outbox_xact_callback(XactEvent event, void *arg)
 			flush_pending(InvalidSubTransactionId);
 			break;
 		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			/* before xcapi.c's callback, registered earlier, wakes the worker */
+			publish_intake_block();
+			/* FALLTHROUGH */
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
-		case XACT_EVENT_PARALLEL_COMMIT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			/* nothing is pending after commit; an abort drops what was */
+			intake_low_this_xact = InvalidBlockNumber;
 			n_pending = 0;
 			if (pending_context)
 			{
@@ -834,7 +954,7 @@ xcapi_outbox_repair(void)
 	int			n;
 
 	SPI_connect();
-	sql = psprintf("UPDATE %s.xcapi_conversions SET status = 'queued', "
+	sql = psprintf("UPDATE ONLY %s.xcapi_conversions SET status = 'queued', "
 				   "next_attempt_at = now() WHERE status = 'sending'",
 				   schema_name);
 	rc = SPI_execute(sql, false, 0);
@@ -842,7 +962,7 @@ xcapi_outbox_repair(void)
 		elog(ERROR, "could not repair outbox: %s", SPI_result_code_string(rc));
 	n = (int) SPI_processed;
 
-	sql = psprintf("UPDATE %s.xcapi_conversions SET next_attempt_at = now()"
+	sql = psprintf("UPDATE ONLY %s.xcapi_conversions SET next_attempt_at = now()"
 				   " WHERE next_attempt_at > now() AND status = 'queued'"
 				   " AND (last_http_status IS NULL"
 				   " OR last_http_status IN (401, 403, 429))",
@@ -872,7 +992,7 @@ xcapi_outbox_claim(int limit, ArrayType *paused_pixels, XcapiClaimed **rows)
 	SPI_connect();
 	plan = get_plan(PLAN_CLAIM,
 					"SELECT id, pixel_id, payload::text, attempts"
-					" FROM %s.xcapi_conversions"
+					" FROM ONLY %s.xcapi_conversions"
 					" WHERE next_attempt_at <= now() AND status = 'queued'"
 					" AND pixel_id <> ALL ($2)"
 					" ORDER BY next_attempt_at, id LIMIT $1",
@@ -921,7 +1041,7 @@ xcapi_outbox_next_due(ArrayType *paused_pixels, TimestampTz before)
 
 	SPI_connect();
 	plan = get_plan(PLAN_NEXT_DUE,
-					"SELECT next_attempt_at FROM %s.xcapi_conversions"
+					"SELECT next_attempt_at FROM ONLY %s.xcapi_conversions"
 					" WHERE next_attempt_at < $2 AND status = 'queued'"
 					" AND pixel_id <> ALL ($1)"
 					" ORDER BY next_attempt_at LIMIT 1",
@@ -949,7 +1069,7 @@ xcapi_outbox_mark_sent(int64 *ids, int n, int http_status)
 	values[0] = PointerGetDatum(int8_array(ids, n));
 	values[1] = Int32GetDatum(http_status);
 	run_plan(get_plan(PLAN_SENT,
-					  "UPDATE %s.xcapi_conversions"
+					  "UPDATE ONLY %s.xcapi_conversions"
 					  " SET status = 'sent', sent_at = now(), next_attempt_at = NULL,"
 					  " attempts = attempts + 1, last_attempt_at = now(),"
 					  " last_http_status = $2, last_error = NULL"
@@ -984,7 +1104,7 @@ xcapi_outbox_mark_retry(int64 *ids, int n, int http_status,
 	values[4] = BoolGetDatum(count_attempt);
 	values[5] = Int32GetDatum(xcapi_max_attempts);
 	run_plan(get_plan(PLAN_RETRY,
-					  "UPDATE %s.xcapi_conversions"
+					  "UPDATE ONLY %s.xcapi_conversions"
 					  " SET status = CASE WHEN $5 AND attempts + 1 >= $6"
 					  "   THEN 'dead' ELSE 'queued' END,"
 					  " attempts = attempts + CASE WHEN $5 THEN 1 ELSE 0 END,"
@@ -1010,7 +1130,7 @@ xcapi_outbox_mark_dead(int64 *ids, int n, int http_status, const char *error)
 	values[1] = Int32GetDatum(http_status);
 	values[2] = CStringGetTextDatum(error);
 	run_plan(get_plan(PLAN_DEAD,
-					  "UPDATE %s.xcapi_conversions"
+					  "UPDATE ONLY %s.xcapi_conversions"
 					  " SET status = 'dead', next_attempt_at = NULL,"
 					  " attempts = attempts + 1, last_attempt_at = now(),"
 					  " last_http_status = $2, last_error = $3"
@@ -1033,7 +1153,7 @@ xcapi_outbox_release_auth_pauses(ArrayType *pixels)
 	Datum		values[1] = {PointerGetDatum(pixels)};
 
 	SPI_connect();
-	sql = psprintf("UPDATE %s.xcapi_conversions SET next_attempt_at = now()"
+	sql = psprintf("UPDATE ONLY %s.xcapi_conversions SET next_attempt_at = now()"
 				   " WHERE next_attempt_at > now() AND status = 'queued'"
 				   " AND (pixel_id = ANY ($1) OR last_http_status IN (401, 403)"
 				   " OR last_error LIKE 'no usable credentials%%')",
@@ -1064,9 +1184,9 @@ xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils, ArrayType *reasons)
 
 	SPI_connect();
 	run_plan(get_plan(PLAN_DEFER,
-					  "UPDATE %s.xcapi_conversions c SET next_attempt_at = u.until,"
+					  "UPDATE ONLY %s.xcapi_conversions c SET next_attempt_at = u.until,"
 					  " last_error = 'held back while the pixel is paused: ' || u.reason"
-					  " FROM (SELECT id, pixel_id FROM %s.xcapi_conversions"
+					  " FROM (SELECT id, pixel_id FROM ONLY %s.xcapi_conversions"
 					  " WHERE next_attempt_at <= now() AND status = 'queued'"
 					  " AND pixel_id = ANY ($1)"
 					  " ORDER BY next_attempt_at, id LIMIT $3) d,"
@@ -1093,8 +1213,8 @@ xcapi_outbox_purge(int retention_secs, int limit)
 	values[0] = Int32GetDatum(retention_secs);
 	values[1] = Int32GetDatum(limit);
 	run_plan(get_plan(PLAN_PURGE,
-					  "DELETE FROM %s.xcapi_conversions WHERE id IN ("
-					  " SELECT id FROM %s.xcapi_conversions"
+					  "DELETE FROM ONLY %s.xcapi_conversions WHERE id IN ("
+					  " SELECT id FROM ONLY %s.xcapi_conversions"
 					  " WHERE status = 'sent'"
 					  " AND sent_at < now() - make_interval(secs => $1)"
 					  " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
@@ -1103,6 +1223,219 @@ xcapi_outbox_purge(int retention_secs, int limit)
 	n = (int) SPI_processed;
 	SPI_finish();
 	return n;
+}
+
+/*
+ * Insert the n rows in slots into the outbox's heap (one multi-insert)
+ * and indexes.  values and nulls have room for one row.
+ */
+static void
+file_batch(Relation outbox, Relation *idx, TupleTableSlot **slots, int n,
+		   Datum *values, bool *nulls)
+{
+	TupleDesc	desc = RelationGetDescr(outbox);
+
+	if (n == 0)
+		return;
+	heap_multi_insert(outbox, slots, n, GetCurrentCommandId(true), 0, NULL);
+	for (int i = 0; i < n; i++)
+	{
+		heap_deform_tuple(ExecFetchSlotHeapTuple(slots[i], false, NULL), desc,
+						  values, nulls);
+		insert_index_entries(&filing_target, outbox, idx, values, nulls,
+							 &slots[i]->tts_tid);
+		ExecClearTuple(slots[i]);
+	}
+}
+
+/*
+ * The filing statement's work without the executor, when both tables are
+ * as xcapi made them (see can_insert_directly): read up to limit intake
+ * rows from block from on, delete each, and multi-insert the deleted ones
+ * into the outbox with their index entries, PENDING_MAX at a time.  Half
+ * the statement's cost per row: no per-row WAL record for the inserts, no
+ * executor.  A row changed by someone else since the scan's snapshot is
+ * left for a later pass, which finds its new version.  Sets *last to the
+ * highest block read; returns how many rows were read.
+ */
+static int
+file_directly(BlockNumber from, int limit, BlockNumber *last)
+{
+	Relation	outbox = table_open(table_oid, RowExclusiveLock);
+	Relation	intake = table_open(intake_oid, RowExclusiveLock);
+	TupleDesc	intake_desc = RelationGetDescr(intake);
+	TupleDesc	outbox_desc = RelationGetDescr(outbox);
+	TupleConversionMap *map = convert_tuples_by_name(intake_desc, outbox_desc);
+	BlockNumber nblocks = RelationGetNumberOfBlocks(intake);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	CommandId	cid = GetCurrentCommandId(true);
+	MemoryContext batch_context = AllocSetContextCreate(CurrentMemoryContext,
+														"xcapi filing batch",
+														ALLOCSET_DEFAULT_SIZES);
+	Datum	   *values = palloc(sizeof(Datum) * outbox_desc->natts);
+	bool	   *nulls = palloc(sizeof(bool) * outbox_desc->natts);
+	Relation   *idx = open_outbox_indexes(&filing_target);
+	TupleTableSlot **slots = NULL;
+	int			nslots = 0;
+	TableScanDesc scan = NULL;
+	HeapTuple	tup;
+	int			read = 0;
+	int			nbatch = 0;
+
+	*last = from;
+	if (from < nblocks)
+	{
+		scan = table_beginscan(intake, snapshot, 0, NULL);
+		heap_setscanlimits(scan, from, nblocks - from);
+	}
+	while (scan != NULL && read < limit &&
+		   (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(batch_context);
+		HeapTuple	copy;
+		TM_FailureData tmfd;
+
+		read++;
+		*last = Max(*last, ItemPointerGetBlockNumber(&tup->t_self));
+		/* values stored out of line belong to the intake's TOAST table */
+		copy = HeapTupleHasExternal(tup) ? toast_flatten_tuple(tup, intake_desc) :
+			heap_copytuple(tup);
+		if (map != NULL)
+			copy = execute_attr_map_tuple(copy, map);
+		MemoryContextSwitchTo(old);
+		if (heap_delete(intake, &tup->t_self, cid, InvalidSnapshot, true,
+						&tmfd, false) != TM_Ok)
+			continue;
+		/* as many slots as rows, up to PENDING_MAX: a wake-up files few */
+		if (nbatch == nslots)
+		{
+			nslots = Min(Max(2 * nslots, 16), PENDING_MAX);
+			slots = flush_slots(outbox_desc, nslots);
+		}
+		ExecStoreHeapTuple(copy, slots[nbatch++], false);
+		if (nbatch == PENDING_MAX)
+		{
+			file_batch(outbox, idx, slots, nbatch, values, nulls);
+			nbatch = 0;
+			MemoryContextReset(batch_context);
+		}
+	}
+	file_batch(outbox, idx, slots, nbatch, values, nulls);
+	if (scan != NULL)
+		table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	close_outbox_indexes(&filing_target, idx);
+	MemoryContextDelete(batch_context);
+	table_close(intake, NoLock);
+	table_close(outbox, NoLock);
+	CommandCounterIncrement();	/* the claim that follows sees them */
+	return read;
+}
+
+/*
+ * File rows of the intake into xcapi_conversions: up to limit rows, each
+ * deleted from the intake and inserted into the outbox in the caller's
+ * transaction, so that to every snapshot a conversion is in exactly one of
+ * the two tables, and a crash either moved the whole chunk or none of it.
+ * Without the executor (file_directly) when both tables are as xcapi made
+ * them, otherwise with one DELETE ... RETURNING feeding one INSERT, which
+ * honours whatever was added to xcapi_conversions.
+ *
+ * The intake has no index, so where to read is worked out instead:
+ * - a pass reads it in heap order from a start block to its end, a chunk
+ *   per call (a TID range scan from a cursor), so that a large intake is
+ *   not reread from block 0 for every chunk; a chunk shorter than limit
+ *   ends the pass;
+ * - a pass starts at the lowest block written by the transactions that
+ *   committed since the last look (each publishes its lowest block at
+ *   commit; the hint is taken before this call's snapshot, so every
+ *   transaction it covers is visible), or continues where the last chunk
+ *   stopped, whichever is lower;
+ * - with no pass under way and no commit since, nothing is read at all:
+ *   after a large intake has been emptied, its dead pages are not reread
+ *   at every wake-up until autovacuum truncates them;
+ * - once per xcapi.naptime a pass starts at block 0, which finds what no
+ *   hint announced (a prepared transaction committed later, a row written
+ *   by plain SQL).
+ * Returns whether more rows may be waiting.
+ */
+bool
+xcapi_outbox_file_intake(int limit)
+{
+	static BlockNumber cursor = InvalidBlockNumber;	/* where a pass stopped */
+	static TimestampTz last_full_pass = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	Oid			chunk_types[2] = {TIDOID, INT4OID};
+	Oid			file_types[1] = {TIDARRAYOID};
+	Datum		chunk_values[2];
+	Datum		file_values[1];
+	ItemPointerData start;
+	BlockNumber from = cursor;
+	Datum	   *tids;
+	BlockNumber last = 0;
+	int			n;
+
+	if (!OidIsValid(intake_oid))
+		return false;
+	if (xcapi_shared != NULL)
+	{
+		BlockNumber hint = pg_atomic_exchange_u32(&xcapi_shared->intake_low_block,
+												  InvalidBlockNumber);
+
+		from = Min(from, hint);
+	}
+	if (xcapi_shared == NULL ||
+		now - last_full_pass >= (TimestampTz) xcapi_naptime * USECS_PER_SEC)
+	{
+		from = 0;
+		last_full_pass = now;
+	}
+	if (from == InvalidBlockNumber)
+		return false;
+	cursor = from;				/* if this call fails, the next starts here */
+
+	lock_outbox_first();
+	if (direct_filing)
+	{
+		n = file_directly(from, limit, &last);
+		cursor = (n < limit) ? InvalidBlockNumber : last;
+		return n == limit;
+	}
+	SPI_connect();
+	ItemPointerSet(&start, from, FirstOffsetNumber);
+	chunk_values[0] = PointerGetDatum(&start);
+	chunk_values[1] = Int32GetDatum(limit);
+	if (SPI_execute_plan(get_plan(PLAN_INTAKE_CHUNK,
+								  "SELECT ctid FROM ONLY %s.xcapi_conversions_intake"
+								  " WHERE ctid >= $1 LIMIT $2",
+								  2, chunk_types),
+						 chunk_values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the intake");
+	n = (int) SPI_processed;
+	tids = palloc(sizeof(Datum) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		tids[i] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+								1, &isnull);
+		last = Max(last, ItemPointerGetBlockNumber((ItemPointer) DatumGetPointer(tids[i])));
+	}
+	if (n > 0)
+	{
+		file_values[0] = PointerGetDatum(construct_array(tids, n, TIDOID,
+														 sizeof(ItemPointerData),
+														 false, TYPALIGN_SHORT));
+		run_plan(get_plan(PLAN_FILE_INTAKE,
+						  "WITH moved AS (DELETE FROM ONLY %s.xcapi_conversions_intake"
+						  " WHERE ctid = ANY ($1) RETURNING *)"
+						  " INSERT INTO %s.xcapi_conversions SELECT * FROM moved",
+						  1, file_types),
+				 file_values, NULL, SPI_OK_INSERT);
+	}
+	SPI_finish();
+	cursor = (n < limit) ? InvalidBlockNumber : last;
+	return n == limit;
 }
 
 /*

@@ -49,6 +49,7 @@
 #include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -99,6 +100,9 @@ typedef struct PixelState
 #define PURGE_INTERVAL_SECS 60
 #define PURGE_BATCH 10000
 
+/* Most intake rows filed into the outbox per iteration. */
+#define FILE_CHUNK 10000
+
 static MemoryContext loop_context = NULL;
 static MemoryContext round_context = NULL;
 static HTAB *pixel_states = NULL;
@@ -112,6 +116,7 @@ static TimestampTz last_claim = 0;
 static bool last_claim_full = false;
 static bool last_claim_blocked = false;
 static bool pauses_changed = false;	/* a pixel was paused since the last claim */
+static bool intake_backlog = false;	/* the last filing left rows behind */
 static TimestampTz last_defer = 0;
 
 #define DEFER_INTERVAL_MS 100	/* empty while pixels were paused */
@@ -119,6 +124,7 @@ static TimestampTz last_defer = 0;
 /* Least time between claims that find nothing while some pixel is paused. */
 #define BLOCKED_CLAIM_INTERVAL_MS 20
 static bool extension_missing_logged = false;
+static bool filing_failure_logged = false;
 
 static void
 worker_shmem_exit(int code, Datum arg)
@@ -772,13 +778,61 @@ wait_batch_delay(void)
 	 */
 	if (last_claim_blocked)
 		delay = Max(delay, BLOCKED_CLAIM_INTERVAL_MS);
-	if (delay <= 0 || last_claim == 0 || last_claim_full)
+	if (delay <= 0 || last_claim == 0 || last_claim_full || intake_backlog)
 		return;
 	ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 										 last_claim + (TimestampTz) delay * 1000);
 	if (ms > 0)
 		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, ms,
 						 PG_WAIT_EXTENSION);
+}
+
+/*
+ * File a chunk of the intake (see xcapi_outbox_file_intake) in a
+ * subtransaction.  If filing fails (say, a trigger or constraint someone
+ * added to xcapi_conversions rejects a row), the rows stay in the intake,
+ * still queued and visible in xcapi_conversions and xcapi_stats, one
+ * WARNING says why, and the worker goes on sending what was filed before
+ * and tries again at its next iteration, rather than exiting on the error
+ * and restarting into it every second.  Returns whether more rows may be
+ * waiting.
+ */
+static bool
+file_intake(void)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	bool		more = false;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(caller);
+	PG_TRY();
+	{
+		more = xcapi_outbox_file_intake(FILE_CHUNK);
+		ReleaseCurrentSubTransaction();
+		filing_failure_logged = false;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(caller);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		if (!filing_failure_logged)
+			ereport(WARNING,
+					(errmsg("xcapi: could not file new conversions into xcapi_conversions: %s",
+							edata->message),
+					 errdetail("They stay queued in xcapi_conversions_intake and are not sent until they can be filed."),
+					 errhint("Look for a trigger, rule or constraint added to xcapi_conversions; the worker tries again at each wake-up.")));
+		filing_failure_logged = true;
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(caller);
+	CurrentResourceOwner = owner;
+	return more;
 }
 
 /*
@@ -836,6 +890,13 @@ run_once(void)
 		credentials_changed = false;
 	}
 
+	/*
+	 * New conversions arrive in the intake, which has no index (cheap for
+	 * the inserting transaction); file them where claims can find them.
+	 * A large intake goes a chunk per iteration, between sends.
+	 */
+	intake_backlog = file_intake();
+
 	paused = paused_pixel_array(now, &wake, &paused_until, &paused_why);
 
 	/*
@@ -871,7 +932,7 @@ run_once(void)
 	if (nrows == 0)
 	{
 		publish_pixel_states();
-		if (purge_pending)
+		if (purge_pending || intake_backlog)
 			return 0;
 		return Max(TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 												   wake), 0);

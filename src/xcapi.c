@@ -183,6 +183,8 @@ xcapi_shmem_startup(void)
 	{
 		memset(xcapi_shared, 0, sizeof(XcapiShared));
 		SpinLockInit(&xcapi_shared->mutex);
+		/* block 0: the worker's first pass reads the whole intake */
+		pg_atomic_init_u32(&xcapi_shared->intake_low_block, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }

@@ -22,6 +22,8 @@
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
+#include "port/atomics.h"
+#include "storage/block.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/array.h"
@@ -94,6 +96,13 @@ typedef struct XcapiShared
 	/* hashes of the pixels paused now: commits for them need not wake */
 	int			npaused;
 	uint32		paused_hash[XCAPI_MAX_SHARED_PIXELS];
+
+	/*
+	 * Lowest intake block a transaction that committed since the worker
+	 * last looked wrote to (InvalidBlockNumber: none); see
+	 * xcapi_outbox_file_intake.
+	 */
+	pg_atomic_uint32 intake_low_block;
 } XcapiShared;
 
 extern XcapiShared *xcapi_shared;
@@ -241,6 +250,7 @@ extern void xcapi_outbox_mark_dead(int64 *ids, int n, int http_status,
 								   const char *error);
 extern void xcapi_outbox_release_auth_pauses(ArrayType *pixels);
 extern int	xcapi_outbox_purge(int retention_secs, int limit);
+extern bool xcapi_outbox_file_intake(int limit);
 extern void xcapi_outbox_defer(ArrayType *pixels, ArrayType *untils,
 							   ArrayType *reasons);
 

@@ -90,6 +90,11 @@ is( $node->safe_psql('postgres',
 	'1000/1000',
 	'every row is sent');
 is( $node->safe_psql('postgres',
+		"SELECT (SELECT count(*) FROM ONLY xcapi_conversions_intake) || '/' || (SELECT count(*) FROM ONLY xcapi_conversions WHERE status = 'sent')"
+	),
+	'0/1000',
+	'the worker filed every row from the intake into xcapi_conversions itself');
+is( $node->safe_psql('postgres',
 		"SELECT count(*) FROM xcapi_conversions WHERE sent_at IS NULL OR last_http_status IS DISTINCT FROM 200"
 	),
 	'0',
@@ -376,6 +381,47 @@ EOS
 	is(scalar(grep { ($_->{conversion}{conversion_id} // '') eq 'after-restart' }
 			$mock->accepted($mark)),
 		1, 'the mock got it once');
+}
+
+######################################################################
+# 9b. A conversion too large to stay in its row: its payload is stored out
+#     of line (TOAST) in the intake, and filing it into xcapi_conversions
+#     must carry the value itself, not a pointer into the intake's storage.
+
+{
+	my $mark = $mock->mark;
+	my $before = $node->safe_psql('postgres', <<'EOS');
+BEGIN;
+SELECT xcapi_fire('o8z6j', 'tw-o8z6j-o8z2x', conversion_id => 'large-1',
+                  email => 'large@example.com',
+                  contents => (SELECT jsonb_agg(jsonb_build_object(
+                                   'content_id', 'sku-' || i,
+                                   'content_name', (SELECT string_agg(md5(i || '-' || j), '')
+                                                      FROM generate_series(1, 30) j)))
+                                 FROM generate_series(1, 8) i)) > 0;
+SELECT tableoid::regclass || ' ' || pg_column_size(payload) || ' ' || md5(payload::text)
+  FROM xcapi_conversions WHERE conversion_id = 'large-1';
+SELECT format('SELECT count(*) FROM %s', reltoastrelid::regclass)
+  FROM pg_class WHERE oid = 'xcapi_conversions_intake'::regclass \gexec
+COMMIT;
+EOS
+	my (undef, $row, $chunks) = split /\n/, $before;
+	my ($table, $stored, $md5) = split / /, $row;
+	is($table, 'xcapi_conversions_intake', 'the large conversion is queued in the intake');
+	cmp_ok($stored, '>', 2000, "its payload is large ($stored bytes stored)");
+	cmp_ok($chunks, '>', 0, "stored out of line: $chunks chunks in the intake's TOAST table");
+	is($node->safe_psql('postgres', "SELECT xcapi_wait('60s')"), 't',
+		'the large conversion is sent');
+	is( $node->safe_psql('postgres',
+			"SELECT tableoid::regclass || ' ' || status || ' ' || md5(payload::text) FROM xcapi_conversions WHERE conversion_id = 'large-1'"),
+		"xcapi_conversions sent $md5",
+		'filed into xcapi_conversions with the very same payload');
+	my @acc = grep { ($_->{conversion}{conversion_id} // '') eq 'large-1' } $mock->accepted($mark);
+	is(scalar(@acc), 1, 'X got it once');
+	is( scalar(@{ $acc[0]{conversion}{contents} // [] }), 8,
+		'with its 8 contents items') if @acc;
+	is($node->safe_psql('postgres', 'SELECT count(*) FROM ONLY xcapi_conversions_intake'),
+		'0', 'the intake is empty again');
 }
 
 ######################################################################

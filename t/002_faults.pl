@@ -5,7 +5,8 @@
 # fault injection): 503s, dropped connections and hangs over 5,000
 # conversions; a 429 window; one poisoned conversion in a batch of 500; a
 # reply lost after X accepted the batch; refused credentials; pacing under
-# xcapi.rate_limit_events.  Crashes and restarts are in t/003_crash.pl.
+# xcapi.rate_limit_events; filing blocked by a user's trigger.  Crashes
+# and restarts are in t/003_crash.pl.
 #
 # Every case uses its own pixel, so the requests and rows of one case are
 # easy to tell apart.  Waits are polls with deadlines; sleeps only let time
@@ -518,6 +519,64 @@ reload_with("xcapi.batch_size = 500\nxcapi.request_timeout = 10000\n");
 	note sprintf('(g) %d LOG lines about the budget', scalar @lines);
 
 	reload_with("xcapi.rate_limit_events = 60000\nxcapi.rate_window = 900\n");
+}
+
+######################################################################
+# (h) Filing blocked: a trigger someone added to xcapi_conversions refuses
+#     a new row, so the worker cannot file the intake's rows.  It warns
+#     once, stays up (no exit-and-restart loop), leaves the rows queued and
+#     visible, and files and sends them all once the trigger is gone.
+
+{
+	my $pixel = 'file1';
+	my $mark = $mock->mark;
+	my $log0 = log_offset();
+	my $pid = worker_pid($node);
+	sql(q{CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	IF NEW.conversion_id = 'fp-poison' THEN
+		RAISE EXCEPTION 'conversion fp-poison refused by a user trigger';
+	END IF;
+	RETURN NEW;
+END $$});
+	sql('CREATE TRIGGER refuse_poison BEFORE INSERT ON xcapi_conversions'
+		  . ' FOR EACH ROW EXECUTE FUNCTION refuse_poison()');
+	sql("SELECT xcapi_fire('$pixel', 'tw-$pixel-o8z2x', conversion_id => 'fp-poison',"
+		  . " email => 'poison\@example.com')");
+	ok( wait_until(
+			sub { log_since($node, $log0) =~ /could not file new conversions into xcapi_conversions: conversion fp-poison refused by a user trigger/ },
+			30, 'the filing WARNING'),
+		'(h) the worker says why it cannot file');
+	# more commits wake the worker: each wake tries again, in vain; the
+	# second lets the attempts happen
+	for my $g (1 .. 5)
+	{
+		is(fire($pixel, 'fp-', 1, $g), '1', "(h) conversion fp-$g queued behind it");
+	}
+	usleep(1_000_000);
+	is( sql("SELECT string_agg(DISTINCT tableoid::regclass || ' ' || status || ' ' || attempts, ',')"
+			  . " FROM xcapi_conversions WHERE pixel_id = '$pixel'"),
+		'xcapi_conversions_intake queued 0',
+		'(h) all 6 rows wait in the intake, queued, visible in xcapi_conversions');
+	is(sql("SELECT queued FROM xcapi_stats WHERE pixel_id = '$pixel'"), '6',
+		'(h) xcapi_stats counts them as queued');
+	is(worker_pid($node), $pid, '(h) the same worker process throughout');
+	my @warnings = log_since($node, $log0) =~ /could not file new conversions/g;
+	is(scalar(@warnings), 1, '(h) one WARNING, not one per attempt');
+	is(scalar(keys %{ $mock->accepted_ids($mark, $pixel) }), 0,
+		'(h) nothing of the pixel was sent');
+
+	sql('DROP TRIGGER refuse_poison ON xcapi_conversions');
+	is(fire($pixel, 'fp-', 1, 6), '1', '(h) one more conversion wakes the worker');
+	ok( until_sql($node,
+			"SELECT count(*) FILTER (WHERE status = 'sent') || '/' || count(*) FROM ONLY xcapi_conversions WHERE pixel_id = '$pixel'",
+			'7/7', 30, 'filed and sent'),
+		'(h) without the trigger all 7 are filed and sent');
+	is(sql('SELECT count(*) FROM ONLY xcapi_conversions_intake'), '0', '(h) the intake is empty');
+	is(join(',', sort keys %{ $mock->accepted_ids($mark, $pixel) }),
+		'fp-1,fp-2,fp-3,fp-4,fp-5,fp-6,fp-poison', '(h) X has all 7');
+	is(worker_pid($node), $pid, '(h) still the same worker process');
+	sql('DROP FUNCTION refuse_poison()');
 }
 
 ######################################################################
