@@ -897,6 +897,19 @@ run_once(void)
 	 */
 	intake_backlog = file_intake();
 
+	/*
+	 * While a backlog is being filed and the last claim found only rows of
+	 * paused pixels, go on filing without claiming: each claim would walk
+	 * over the held rows again and each deferral rewrite another chunk of
+	 * them.  Claims resume when the intake is empty, or at once after a
+	 * reload that may have lifted the pauses.
+	 */
+	if (intake_backlog && last_claim_blocked)
+	{
+		end_transaction();
+		return 0;
+	}
+
 	paused = paused_pixel_array(now, &wake, &paused_until, &paused_why);
 
 	/*
@@ -997,6 +1010,7 @@ reload_configuration(void)
 		}
 	}
 	credentials_changed = true;
+	last_claim_blocked = false; /* the pauses may be lifted: claim again */
 	next_purge = 0;				/* xcapi.retention may have changed */
 	/* commits for the released pixels must wake the worker again */
 	publish_pixel_states();
