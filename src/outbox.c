@@ -559,7 +559,8 @@ xcapi_outbox_lookup_schema(void)
 	}
 	insert_oid = OidIsValid(intake_oid) ? intake_oid : table;
 	direct_insert = can_insert_directly(insert_oid, &insert_target);
-	direct_filing = OidIsValid(intake_oid) &&
+	/* both as created: nothing of someone else's to fire or check */
+	direct_filing = OidIsValid(intake_oid) && direct_insert &&
 		can_insert_directly(table_oid, &filing_target);
 
 	if (nsp != schema_oid)
@@ -1252,9 +1253,9 @@ file_batch(Relation outbox, Relation *idx, TupleTableSlot **slots, int n,
  * The filing statement's work without the executor, when both tables are
  * as xcapi made them (see can_insert_directly): read up to limit intake
  * rows from block from on, delete each, and multi-insert the deleted ones
- * into the outbox with their index entries, PENDING_MAX at a time.  Half
- * the statement's cost per row: no per-row WAL record for the inserts, no
- * executor.  A row changed by someone else since the scan's snapshot is
+ * into the outbox with their index entries, PENDING_MAX at a time: no
+ * executor, and one WAL record per page for the inserts instead of one per
+ * row.  A row changed by someone else since the scan's snapshot is
  * left for a later pass, which finds its new version.  Sets *last to the
  * highest block read; returns how many rows were read.
  */
