@@ -198,6 +198,9 @@ EOF
     xc_info "queued in ${R[$inflight,enqueue_s]} s; $(psqlv -c "SELECT string_agg(status || ' ' || n, ', ') FROM (SELECT status, count(*) n FROM xcapi_conversions GROUP BY 1 ORDER BY 1) s")"
     # the table with every row queued: the baseline for bloat from status changes
     R[$inflight,total_queued]=$(psqlv -c "SELECT pg_size_pretty(pg_total_relation_size('xcapi_conversions'))")
+    # new conversions land in the intake; the worker files them into the outbox
+    R[$inflight,intake_queued]=$(psqlv -c "SELECT pg_size_pretty(pg_total_relation_size('xcapi_conversions_intake'))
+        || ', ' || (SELECT count(*) FROM ONLY xcapi_conversions_intake) || ' rows'")
     # rows moved out of the due range while the pixel was paused (deferred)
     R[$inflight,deferred]=$(psqlv -c "SELECT count(*) FROM xcapi_conversions WHERE next_attempt_at > now() + interval '10 s'")
 
@@ -334,7 +337,10 @@ EOF
     R[$inflight,dead_tup]=$(psqlv -c "SELECT n_live_tup || ' live / ' || n_dead_tup || ' dead tuples, autovacuum ' || autovacuum_count || 'x'
         FROM pg_stat_user_tables WHERE relname = 'xcapi_conversions'")
     # what a vacuum (autovacuum, at 2 % dead) gets back: sizes and free space
-    psqlb -c "VACUUM xcapi_conversions" >/dev/null
+    R[$inflight,intake_after]=$(psqlv -c "SELECT pg_size_pretty(pg_total_relation_size('xcapi_conversions_intake'))
+        || ', ' || (SELECT count(*) FROM ONLY xcapi_conversions_intake) || ' rows'")
+    psqlb -c "VACUUM xcapi_conversions, xcapi_conversions_intake" >/dev/null
+    R[$inflight,intake_vac]=$(psqlv -c "SELECT pg_size_pretty(pg_total_relation_size('xcapi_conversions_intake'))")
     IFS='|' read -r "R[$inflight,total_vac]" "R[$inflight,dead_vac]" < <(psqlv -c "
         SELECT pg_size_pretty(pg_total_relation_size('xcapi_conversions')),
                n_dead_tup FROM pg_stat_user_tables WHERE relname = 'xcapi_conversions'")
@@ -434,6 +440,9 @@ row "pg_total_relation_size after" total_size
 row "pg_relation_size (heap) after" heap_size
 row "pg_indexes_size after" idx_size
 row "pg_total_relation_size after VACUUM" total_vac
+row "intake (xcapi_conversions_intake), all queued" intake_queued
+row "intake after" intake_after
+row "intake after VACUUM" intake_vac
 row "dead tuples after VACUUM" dead_vac
 for i in "${IF[@]}"; do
     printf '  max_inflight %s: xcapi.* %s\n' "$i" "${R[$i,settings]}"
