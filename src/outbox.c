@@ -11,17 +11,19 @@
  * repair: the rows are simply due again, so a committed conversion ends
  * 'sent' or 'dead' and never vanishes: no status change marks a claim.
  * A resend carries the same stored payload, hence the same conversion_id,
- * which is what X deduplicates on.  ('sending' is what workers of version 0.1.0 wrote;
- * rows in it are repaired at start and accepted by every outcome.)
+ * which is what X deduplicates on.  ('sending' is what workers of version
+ * 0.1.0 wrote; rows in it are repaired at start and accepted by every
+ * outcome.)
  *
  * New rows go to xcapi_conversions_intake (from version 0.3.0), a child of
  * xcapi_conversions by inheritance with no index: a query on the outbox
  * sees them at once, and the inserting transaction pays for a heap tuple
  * only.  The worker files them into xcapi_conversions itself, where the
  * primary key and the due index are (see xcapi_outbox_file_intake); its
- * other statements therefore name ONLY xcapi_conversions.  A row is thus written three times in its
- * life: into the intake by the caller, into the outbox by the worker's
- * filing (after the commit, in chunks), and with its outcome.
+ * other statements therefore name ONLY xcapi_conversions.  A row is thus
+ * written three times in its life: into the intake by the caller, into the
+ * outbox by the worker's filing (after the commit, in chunks), and with
+ * its outcome.
  *
  * Callers are inside a transaction with a snapshot.  Plans are prepared
  * once per schema and kept.  Every name is schema-qualified with the
@@ -86,7 +88,6 @@ typedef enum OutboxPlan
 	PLAN_PENDING,
 	PLAN_PURGE,
 	PLAN_DEFER,
-	PLAN_INTAKE_CHUNK,
 	PLAN_FILE_INTAKE,
 	NUM_PLANS
 } OutboxPlan;
@@ -604,15 +605,7 @@ get_plan(OutboxPlan which, const char *sql, int nargs, Oid *argtypes)
 	if (plans[which] == NULL)
 	{
 		char	   *query = psprintf(sql, schema_name, schema_name);
-
-		/*
-		 * The intake chunk must be a TID range scan whatever the cursor:
-		 * a custom plan for an early block could be a sequential scan from
-		 * block 0, rereading every page a pass has already emptied.
-		 */
-		SPIPlanPtr	plan = SPI_prepare_cursor(query, nargs, argtypes,
-											  which == PLAN_INTAKE_CHUNK ?
-											  CURSOR_OPT_GENERIC_PLAN : 0);
+		SPIPlanPtr	plan = SPI_prepare(query, nargs, argtypes);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
@@ -1227,6 +1220,23 @@ xcapi_outbox_purge(int retention_secs, int limit)
 }
 
 /*
+ * A scan of the intake from block from to its current end, in heap order,
+ * or NULL if from is past the end.
+ */
+static TableScanDesc
+begin_intake_scan(Relation intake, Snapshot snapshot, BlockNumber from)
+{
+	BlockNumber nblocks = RelationGetNumberOfBlocks(intake);
+	TableScanDesc scan;
+
+	if (from >= nblocks)
+		return NULL;
+	scan = table_beginscan(intake, snapshot, 0, NULL);
+	heap_setscanlimits(scan, from, nblocks - from);
+	return scan;
+}
+
+/*
  * Insert the n rows in slots into the outbox's heap (one multi-insert)
  * and indexes.  values and nulls have room for one row.
  */
@@ -1267,8 +1277,8 @@ file_directly(BlockNumber from, int limit, BlockNumber *last)
 	TupleDesc	intake_desc = RelationGetDescr(intake);
 	TupleDesc	outbox_desc = RelationGetDescr(outbox);
 	TupleConversionMap *map = convert_tuples_by_name(intake_desc, outbox_desc);
-	BlockNumber nblocks = RelationGetNumberOfBlocks(intake);
 	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	TableScanDesc scan = begin_intake_scan(intake, snapshot, from);
 	CommandId	cid = GetCurrentCommandId(true);
 	MemoryContext batch_context = AllocSetContextCreate(CurrentMemoryContext,
 														"xcapi filing batch",
@@ -1278,17 +1288,11 @@ file_directly(BlockNumber from, int limit, BlockNumber *last)
 	Relation   *idx = open_outbox_indexes(&filing_target);
 	TupleTableSlot **slots = NULL;
 	int			nslots = 0;
-	TableScanDesc scan = NULL;
 	HeapTuple	tup;
 	int			read = 0;
 	int			nbatch = 0;
 
 	*last = from;
-	if (from < nblocks)
-	{
-		scan = table_beginscan(intake, snapshot, 0, NULL);
-		heap_setscanlimits(scan, from, nblocks - from);
-	}
 	while (scan != NULL && read < limit &&
 		   (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
 	{
@@ -1334,17 +1338,65 @@ file_directly(BlockNumber from, int limit, BlockNumber *last)
 }
 
 /*
+ * The same with the SQL statement, which honours whatever someone added
+ * to either table: the TIDs of up to limit intake rows from block from on,
+ * then one DELETE ... RETURNING of them feeding one INSERT.  Sets *last to
+ * the highest block read; returns how many rows were read.
+ */
+static int
+file_through_spi(BlockNumber from, int limit, BlockNumber *last)
+{
+	Relation	intake = table_open(intake_oid, RowExclusiveLock);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	TableScanDesc scan = begin_intake_scan(intake, snapshot, from);
+	ItemPointerData *tids = palloc(sizeof(ItemPointerData) * limit);
+	Datum	   *datums = palloc(sizeof(Datum) * limit);
+	Oid			types[1] = {TIDARRAYOID};
+	Datum		values[1];
+	HeapTuple	tup;
+	int			n = 0;
+
+	*last = from;
+	while (scan != NULL && n < limit &&
+		   (tup = heap_getnext(scan, ForwardScanDirection)) != NULL)
+	{
+		tids[n] = tup->t_self;
+		datums[n] = PointerGetDatum(&tids[n]);
+		*last = Max(*last, ItemPointerGetBlockNumber(&tup->t_self));
+		n++;
+	}
+	if (scan != NULL)
+		table_endscan(scan);
+	UnregisterSnapshot(snapshot);
+	table_close(intake, NoLock);
+	if (n == 0)
+		return 0;
+
+	values[0] = PointerGetDatum(construct_array(datums, n, TIDOID,
+												sizeof(ItemPointerData),
+												false, TYPALIGN_SHORT));
+	SPI_connect();
+	run_plan(get_plan(PLAN_FILE_INTAKE,
+					  "WITH moved AS (DELETE FROM ONLY %s.xcapi_conversions_intake"
+					  " WHERE ctid = ANY ($1) RETURNING *)"
+					  " INSERT INTO %s.xcapi_conversions SELECT * FROM moved",
+					  1, types),
+			 values, NULL, SPI_OK_INSERT);
+	SPI_finish();
+	return n;
+}
+
+/*
  * File rows of the intake into xcapi_conversions: up to limit rows, each
  * deleted from the intake and inserted into the outbox in the caller's
  * transaction, so that to every snapshot a conversion is in exactly one of
  * the two tables, and a crash either moved the whole chunk or none of it.
  * Without the executor (file_directly) when both tables are as xcapi made
- * them, otherwise with one DELETE ... RETURNING feeding one INSERT, which
- * honours whatever was added to xcapi_conversions.
+ * them, otherwise through SQL (file_through_spi).
  *
  * The intake has no index, so where to read is worked out instead:
  * - a pass reads it in heap order from a start block to its end, a chunk
- *   per call (a TID range scan from a cursor), so that a large intake is
+ *   per call (a heap scan from a cursor block), so that a large intake is
  *   not reread from block 0 for every chunk; a chunk shorter than limit
  *   ends the pass;
  * - a pass starts at the lowest block written by the transactions that
@@ -1366,14 +1418,8 @@ xcapi_outbox_file_intake(int limit)
 	static BlockNumber cursor = InvalidBlockNumber;	/* where a pass stopped */
 	static TimestampTz last_full_pass = 0;
 	TimestampTz now = GetCurrentTimestamp();
-	Oid			chunk_types[2] = {TIDOID, INT4OID};
-	Oid			file_types[1] = {TIDARRAYOID};
-	Datum		chunk_values[2];
-	Datum		file_values[1];
-	ItemPointerData start;
 	BlockNumber from = cursor;
-	Datum	   *tids;
-	BlockNumber last = 0;
+	BlockNumber last;
 	int			n;
 
 	if (!OidIsValid(intake_oid))
@@ -1396,45 +1442,8 @@ xcapi_outbox_file_intake(int limit)
 	cursor = from;				/* if this call fails, the next starts here */
 
 	lock_outbox_first();
-	if (direct_filing)
-	{
-		n = file_directly(from, limit, &last);
-		cursor = (n < limit) ? InvalidBlockNumber : last;
-		return n == limit;
-	}
-	SPI_connect();
-	ItemPointerSet(&start, from, FirstOffsetNumber);
-	chunk_values[0] = PointerGetDatum(&start);
-	chunk_values[1] = Int32GetDatum(limit);
-	if (SPI_execute_plan(get_plan(PLAN_INTAKE_CHUNK,
-								  "SELECT ctid FROM ONLY %s.xcapi_conversions_intake"
-								  " WHERE ctid >= $1 LIMIT $2",
-								  2, chunk_types),
-						 chunk_values, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not read the intake");
-	n = (int) SPI_processed;
-	tids = palloc(sizeof(Datum) * Max(n, 1));
-	for (int i = 0; i < n; i++)
-	{
-		bool		isnull;
-
-		tids[i] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
-								1, &isnull);
-		last = Max(last, ItemPointerGetBlockNumber((ItemPointer) DatumGetPointer(tids[i])));
-	}
-	if (n > 0)
-	{
-		file_values[0] = PointerGetDatum(construct_array(tids, n, TIDOID,
-														 sizeof(ItemPointerData),
-														 false, TYPALIGN_SHORT));
-		run_plan(get_plan(PLAN_FILE_INTAKE,
-						  "WITH moved AS (DELETE FROM ONLY %s.xcapi_conversions_intake"
-						  " WHERE ctid = ANY ($1) RETURNING *)"
-						  " INSERT INTO %s.xcapi_conversions SELECT * FROM moved",
-						  1, file_types),
-				 file_values, NULL, SPI_OK_INSERT);
-	}
-	SPI_finish();
+	n = direct_filing ? file_directly(from, limit, &last) :
+		file_through_spi(from, limit, &last);
 	cursor = (n < limit) ? InvalidBlockNumber : last;
 	return n == limit;
 }
