@@ -44,8 +44,6 @@ set -euo pipefail
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
-
 ROWS=1000000 INFLIGHT_LIST="4 8" TIMEOUT=240 NGINX_WORKERS=1 PROFILE=0 PORT=55432 CHUNK=100000
 while [ $# -gt 0 ]; do
     case $1 in
@@ -54,22 +52,15 @@ while [ $# -gt 0 ]; do
         --timeout) TIMEOUT=$2; shift ;;
         --nginx-workers) NGINX_WORKERS=$2; shift ;;
         --profile) PROFILE=1 ;;
-        --no-build) BENCH_NO_BUILD=1 ;;
-        --keep) BENCH_KEEP=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) xc_die "unrecognized argument: $1 (see --help)" ;;
+        *) bench_option "$1" ;;
     esac
     shift
 done
 [ "$ROWS" -ge 1000 ] || xc_die "--rows must be at least 1000"
 
-xc_step "Set-up"
 pkgs=(nginx-light openssl curl iproute2)
 [ "$PROFILE" = 1 ] && pkgs+=(linux-perf)
-bench_setup drain.sh "${pkgs[@]}"
-bench_workdir drain
-bench_traps
-bench_report drain
+bench_begin drain "${pkgs[@]}"
 
 free_port() {   # a TCP port nothing listens on, from 58443 up
     local p

@@ -37,26 +37,17 @@ set -euo pipefail
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
-
 DURATION=15 ROUNDS=3 PORT=55431
 while [ $# -gt 0 ]; do
     case $1 in
         --duration) DURATION=$2; shift ;;
         --rounds) ROUNDS=$2; shift ;;
-        --no-build) BENCH_NO_BUILD=1 ;;
-        --keep) BENCH_KEEP=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) xc_die "unrecognized argument: $1 (see --help)" ;;
+        *) bench_option "$1" ;;
     esac
     shift
 done
 
-xc_step "Set-up"
-bench_setup enqueue.sh python3-psycopg2
-bench_workdir enqueue
-bench_traps
-bench_report enqueue
+bench_begin enqueue python3-psycopg2
 
 DATA=$BENCH_WORK/data
 bench_cluster_init "$DATA" "$PORT" bench <<EOF

@@ -23,26 +23,17 @@ set -euo pipefail
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
-
 SAMPLES=200 SCENARIOS=direct,trickle,idle PORT=55433
 while [ $# -gt 0 ]; do
     case $1 in
         --samples) SAMPLES=$2; shift ;;
         --scenarios) SCENARIOS=$2; shift ;;
-        --no-build) BENCH_NO_BUILD=1 ;;
-        --keep) BENCH_KEEP=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) xc_die "unrecognized argument: $1 (see --help)" ;;
+        *) bench_option "$1" ;;
     esac
     shift
 done
 
-xc_step "Set-up"
-bench_setup latency.sh python3-psycopg2 python3-oauthlib openssl
-bench_workdir latency
-bench_traps
-bench_report latency
+bench_begin latency python3-psycopg2 python3-oauthlib openssl
 
 # -- the mock ----------------------------------------------------------------
 bench_start_mock

@@ -34,27 +34,18 @@ set -euo pipefail
 # shellcheck source=bench/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
-
 ROWS=20000 FAULT_ROWS=2000 BATCH=100 PORT=55434
 while [ $# -gt 0 ]; do
     case $1 in
         --rows) ROWS=$2; shift ;;
         --fault-rows) FAULT_ROWS=$2; shift ;;
         --batch-size) BATCH=$2; shift ;;
-        --no-build) BENCH_NO_BUILD=1 ;;
-        --keep) BENCH_KEEP=1 ;;
-        -h|--help) usage; exit 0 ;;
-        *) xc_die "unrecognized argument: $1 (see --help)" ;;
+        *) bench_option "$1" ;;
     esac
     shift
 done
 
-xc_step "Set-up"
-bench_setup leakcheck.sh valgrind python3-oauthlib openssl
-bench_workdir leakcheck
-bench_traps
-bench_report leakcheck
+bench_begin leakcheck valgrind python3-oauthlib openssl
 T_START=$EPOCHREALTIME
 
 # -- the mock ----------------------------------------------------------------

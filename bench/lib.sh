@@ -20,6 +20,30 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PG_PKGLIBDIR=$("$PG_CONFIG" --pkglibdir 2>/dev/null || echo /usr/lib/postgresql/$PG_MAJOR/lib)
 BENCH_OUT=$BENCH_DIR/out
 
+# bench_option ARG: the options every benchmark takes (--no-build, --keep,
+# --help: its header comment); anything else is an error.
+bench_option() {
+    case $1 in
+        --no-build) BENCH_NO_BUILD=1 ;;
+        --keep) BENCH_KEEP=1 ;;
+        -h|--help) sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[-1]}"; exit 0 ;;
+        *) xc_die "unrecognized argument: $1 (see --help)" ;;
+    esac
+}
+
+# bench_begin NAME EXTRA_PACKAGE...: what every benchmark does first:
+# set-up (bench_setup NAME.sh ...), its work directory, the traps that
+# clean it up, and the report file that mirrors stdout.
+bench_begin() {
+    local name=$1
+    shift
+    xc_step "Set-up"
+    bench_setup "$name.sh" "$@"
+    bench_workdir "$name"
+    bench_traps
+    bench_report "$name"
+}
+
 # bench_setup NAME EXTRA_PACKAGE...: root check, packages (idempotent), the
 # OS user, and `make && make install` of this checkout unless --no-build
 # (BENCH_NO_BUILD=1) was given.
